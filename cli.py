@@ -1,0 +1,156 @@
+"""optcc command line: parse, call the library (optcc.api), render. Nothing else.
+
+Results go to stdout, progress and logs to stderr. Errors are one line with the
+next step and a distinct exit code (see optcc.errors); --debug shows tracebacks.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, Optional
+
+import typer
+
+from optcc.errors import OptccError, RequirementError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="optcc: rewrite trained PyTorch models for deployment, from a YAML recipe.")
+
+
+def _guard(debug: bool, fn: Callable[[], int | None]) -> None:
+    try:
+        code = fn()
+    except RequirementError as e:
+        typer.echo(f"optcc: {e.kind}: {e.one_line()}", err=True)
+        raise typer.Exit(e.exit_code)
+    except OptccError as e:
+        if debug:
+            traceback.print_exc()
+        typer.echo(f"optcc: {e.kind}: {e.one_line()}", err=True)
+        raise typer.Exit(e.exit_code)
+    except KeyboardInterrupt:
+        typer.echo("optcc: interrupted; no output was written", err=True)
+        raise typer.Exit(130)
+    except Exception as e:  # a bug: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        typer.echo(f"optcc: internal error: {type(e).__name__}: {e} (rerun with --debug and report it)", err=True)
+        raise typer.Exit(1)
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
+def apply(
+    recipe: Path = typer.Argument(..., help="recipe YAML"),
+    model: Optional[str] = typer.Argument(None, help="builtin:NAME | HF folder | model.pt2 | file.py:factory | pkg.mod:factory (default: the recipe's model.source)"),
+    out: Path = typer.Option(Path("out"), "--out", "-o", help="output folder (replaced atomically)"),
+    task: Optional[str] = typer.Option(None, help="override the task (e.g. text-generation)"),
+    weights: Optional[str] = typer.Option(None, help="safetensors state dict for a factory model"),
+    as_json: bool = typer.Option(False, "--json", help="print report.json on stdout"),
+    debug: bool = typer.Option(False, help="show tracebacks"),
+) -> None:
+    """Run a recipe on a model: passes → verified artifacts → report."""
+    from optcc.api import apply as run_apply
+    from optcc.render import console, report_tables
+    from optcc.progress import Progress
+
+    def go() -> None:
+        err = console(stderr=True)
+        with Progress(err) as progress:
+            try:
+                report = run_apply(recipe, model, out, task=task, weights=weights, on_event=progress.event)
+            except RequirementError:
+                _show(json.loads((out / "report.json").read_text()), as_json, out)
+                raise
+        _show(report, as_json, out)
+
+    _guard(debug, go)
+
+
+def _show(report: dict, as_json: bool, out: Path) -> None:
+    from optcc.render import console, report_tables
+
+    if as_json:
+        typer.echo(json.dumps(report, indent=2))
+        return
+    con = console()
+    for t in report_tables(report):
+        con.print(t)
+    con.print(f"wrote {out}/ (report.json, report.md, recipe.lock.yaml, "
+              + ", ".join(Path(a['path']).name for a in report["artifacts"]) + ")")
+
+
+@app.command()
+def inspect(
+    model: str = typer.Argument(..., help="builtin:NAME | HF folder | model.pt2 | file.py:factory"),
+    task: Optional[str] = typer.Option(None, help="override the task"),
+    weights: Optional[str] = typer.Option(None, help="safetensors state dict for a factory model"),
+    recipe: Optional[Path] = typer.Option(None, help="recipe whose model.inputs shape the example inputs"),
+    as_json: bool = typer.Option(False, "--json", help="print the structure as JSON"),
+    debug: bool = typer.Option(False, help="show tracebacks"),
+) -> None:
+    """Show the structure optcc sees: blocks, attention, MLP, norms, head."""
+    from optcc.api import inspect_model
+    from optcc.recipe import load_recipe
+    from optcc.render import console, structure_tree
+
+    def go() -> None:
+        rec = load_recipe(recipe) if recipe else None
+        lm, s = inspect_model(model, task, weights, rec)
+        if as_json:
+            typer.echo(json.dumps({"model": lm.source, "task": lm.task, "structure": s.to_dict()}, indent=2))
+        else:
+            console().print(structure_tree(lm.name, lm.task, s))
+
+    _guard(debug, go)
+
+
+@app.command("passes")
+def passes_cmd(as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
+    """List the available passes with their parameters and defaults."""
+    from optcc.api import list_passes
+    from optcc.render import console, passes_table
+
+    ps = list_passes()
+    if as_json:
+        typer.echo(json.dumps(ps, indent=2))
+    else:
+        console().print(passes_table(ps))
+
+
+@app.command()
+def validate(
+    recipe: Path = typer.Argument(..., help="recipe YAML"),
+    as_json: bool = typer.Option(False, "--json", help="print the resolved recipe as JSON"),
+    debug: bool = typer.Option(False, help="show tracebacks"),
+) -> None:
+    """Check a recipe without running it; print the fully resolved form."""
+    from optcc.recipe import load_recipe
+
+    def go() -> None:
+        r = load_recipe(recipe)
+        if as_json:
+            typer.echo(json.dumps(r.to_dict(), indent=2))
+        else:
+            typer.echo(f"{recipe}: ok ({len(r.passes)} passes: {', '.join(s.name for s in r.passes) or 'none'})")
+
+    _guard(debug, go)
+
+
+@app.command()
+def schema() -> None:
+    """Print the recipe's JSON Schema."""
+    from optcc.recipe import recipe_json_schema
+
+    typer.echo(json.dumps(recipe_json_schema(), indent=2))
+
+
+def main() -> None:
+    app(prog_name="optcc")
+
+
+if __name__ == "__main__":
+    main()

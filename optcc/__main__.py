@@ -1,0 +1,3 @@
+from optcc.cli import main
+
+main()

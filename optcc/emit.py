@@ -1,0 +1,167 @@
+"""Emit: the optimized GraphModule → model.pt2 and/or model.onnx, each re-loaded
+and compared with the optimized graph's outputs before it counts."""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import warnings
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from optcc.capture import capture, flat_outputs
+from optcc.errors import ExportError
+from optcc.metrics import fidelity
+
+
+@dataclass
+class Artifact:
+    format: str  # "torch" | "onnx"
+    path: Path
+    runner: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]
+    check: dict  # fidelity of the re-loaded artifact vs the optimized graph
+
+    def to_dict(self, root: Path) -> dict:
+        return {
+            "format": self.format,
+            "path": str(self.path.relative_to(root)),
+            "bytes": artifact_bytes(self.path),
+            "sha256": sha256(self.path),
+            "check": self.check,
+        }
+
+
+def artifact_bytes(path: Path) -> int:
+    total = path.stat().st_size
+    data = path.with_name(path.name + ".data")
+    return total + (data.stat().st_size if data.exists() else 0)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx and onnxscript print progress to stdout; keep stdout for results."""
+    buf = io.StringIO()
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "torch.export", "torch._dynamo")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(buf):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, lv in zip(loggers, levels):
+            lg.setLevel(lv)
+
+
+def export_program(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], dynamic: bool) -> torch.export.ExportedProgram:
+    """Re-export the edited graph so it can be saved."""
+    return capture(gm, inputs, dynamic)
+
+
+def emit_torch(ep: torch.export.ExportedProgram, out: Path) -> Path:
+    path = out / "model.pt2"
+    try:
+        with _quiet():
+            torch.export.save(ep, str(path))
+    except Exception as e:
+        raise ExportError(f"saving model.pt2 failed: {type(e).__name__}: {e}", "run with --debug") from e
+    return path
+
+
+def load_torch(path: Path) -> Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]:
+    module = torch.export.load(str(path)).module()
+
+    def run(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return flat_outputs(module(**inputs))
+
+    return run
+
+
+def emit_onnx(ep: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor], out: Path, opset: int) -> Path:
+    path = out / "model.onnx"
+    large = sum(p.numel() * p.element_size() for p in ep.state_dict.values()) > 1_500_000_000
+    try:
+        with _quiet():
+            prog = torch.onnx.export(ep, (), kwargs=dict(inputs), dynamo=True, opset_version=opset,
+                                     external_data=large, optimize=True, verbose=False)
+            prog.save(str(path), external_data=large)
+    except Exception as e:
+        raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
+                          "drop onnx from emit.formats, or run with --debug to see the failing op") from e
+    return path
+
+
+def load_onnx(path: Path, threads: int | None = None) -> Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = threads
+        so.inter_op_num_threads = 1
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+
+    def run(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        feed = {n: inputs[n].numpy() for n in names}
+        return [torch.from_numpy(x) for x in sess.run(None, feed)]
+
+    return run
+
+
+def verify(runner, inputs: dict[str, torch.Tensor], expected: list[torch.Tensor], primary: int, what: str, atol: float) -> dict:
+    try:
+        got = runner(inputs)
+    except Exception as e:
+        raise ExportError(f"{what} does not run after re-loading: {type(e).__name__}: {str(e)[:300]}", "run with --debug") from e
+    if len(got) != len(expected):
+        raise ExportError(f"{what} returns {len(got)} outputs, expected {len(expected)}", "run with --debug")
+    worst = 0.0
+    for g, e in zip(got, expected):
+        if tuple(g.shape) != tuple(e.shape):
+            raise ExportError(f"{what} output shape {tuple(g.shape)} differs from {tuple(e.shape)}", "run with --debug")
+        if e.is_floating_point():
+            worst = max(worst, float((g.float() - e.float()).abs().max()) if e.numel() else 0.0)
+        elif not torch.equal(g.to(e.dtype), e):
+            raise ExportError(f"{what} integer output differs from the graph's", "run with --debug")
+    scale = max(1.0, max((float(e.float().abs().max()) for e in expected if e.numel()), default=1.0))
+    if worst > atol * scale:
+        raise ExportError(f"{what} differs from the optimized graph by {worst:.3g} (allowed {atol * scale:.3g})",
+                          "raise emit.atol if this is expected, or run with --debug")
+    check = fidelity(expected[primary], got[primary])
+    check["max_abs_err"] = worst
+    return check
+
+
+def emit_all(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], formats: tuple[str, ...], opset: int,
+             out: Path, primary: int, atol: float, dynamic: bool, threads: int | None = None) -> list[Artifact]:
+    with torch.no_grad():
+        expected = flat_outputs(gm(**inputs))
+    ep = export_program(gm, inputs, dynamic)
+    artifacts = []
+    for fmt in formats:
+        if fmt == "torch":
+            path = emit_torch(ep, out)
+            runner = load_torch(path)
+        else:
+            path = emit_onnx(ep, inputs, out, opset)
+            runner = load_onnx(path, threads)
+        check = verify(runner, inputs, expected, primary, path.name, atol)
+        artifacts.append(Artifact(fmt, path, runner, check))
+    return artifacts

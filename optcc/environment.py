@@ -1,0 +1,42 @@
+"""Versions and machine facts recorded next to every number."""
+from __future__ import annotations
+
+import importlib.metadata as md
+import platform
+
+import torch
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return md.version(dist)
+    except md.PackageNotFoundError:
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment() -> dict:
+    from optcc import __version__
+
+    return {
+        "optcc": __version__,
+        "python": platform.python_version(),
+        "torch": str(torch.__version__),
+        "transformers": _version("transformers"),
+        "onnx": _version("onnx"),
+        "onnxruntime": _version("onnxruntime") or _version("onnxruntime-gpu"),
+        "onnxscript": _version("onnxscript"),
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,107 @@
+"""Pass manager: run the recipe's passes in order and verify each one.
+
+After each pass: graph lint, dead-code elimination (weights of removed nodes
+leave the module), a numeric check against the reference outputs, and a
+PassRecord. A failure names the pass and the passes that ran before it.
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.fx as fx
+
+from optcc import registry
+from optcc.capture import run_graph
+from optcc.context import PassContext
+from optcc.errors import OptccError, PassError
+from optcc.metrics import fidelity
+from optcc.recipe import PassStep
+from optcc.schema import to_dict
+from optcc.stats import graph_stats, prune_unused
+
+LOSSLESS_ATOL = 1e-4
+
+
+def _where(name: str, step: int, history: list[str]) -> str:
+    before = f" after {', '.join(history)}" if history else " (first pass)"
+    return f"pass '{name}' (step {step}{before})"
+
+
+def run_passes(
+    gm: fx.GraphModule,
+    steps: tuple[PassStep, ...],
+    ctx: PassContext,
+    on_pass: Optional[Callable[[str, int, int], None]] = None,
+) -> tuple[fx.GraphModule, list[dict]]:
+    records = []
+    stats = graph_stats(gm, ctx.inputs)
+    for i, step in enumerate(steps, start=1):
+        spec = registry.get(step.name)
+        where = _where(step.name, i, ctx.history)
+        if on_pass:
+            on_pass(step.name, i, len(steps))
+        if spec.tasks is not None and ctx.task not in spec.tasks:
+            raise PassError(f"{where}: does not apply to task '{ctx.task}'",
+                            f"it works on {', '.join(spec.tasks)}; remove it from the recipe")
+        names_before = {n.name for n in gm.graph.nodes}
+        t0 = time.perf_counter()
+        try:
+            result = spec.run(gm, step.config, ctx)
+        except OptccError as e:
+            raise type(e)(f"{where}: {e.message}", e.hint) from e
+        except Exception as e:
+            raise PassError(f"{where} crashed: {type(e).__name__}: {e}", "run with --debug and report it") from e
+        seconds = time.perf_counter() - t0
+        gm = result.gm
+        try:
+            gm.graph.lint()
+            prune_unused(gm)
+        except Exception as e:
+            raise PassError(f"{where} left an invalid graph: {e}", "this is a bug in the pass; run with --debug") from e
+        try:
+            outputs = run_graph(gm, ctx.inputs)
+        except Exception as e:
+            raise PassError(f"{where} produced a graph that does not run: {type(e).__name__}: {str(e)[:300]}",
+                            "this is a bug in the pass; run with --debug") from e
+        fid = _check_outputs(outputs, ctx, where, spec.lossless)
+        names_after = {n.name for n in gm.graph.nodes}
+        after = graph_stats(gm, ctx.inputs)
+        records.append({
+            "name": step.name,
+            "step": i,
+            "config": to_dict(step.config),
+            "modified": bool(result.modified),
+            "nodes_added": len(names_after - names_before),
+            "nodes_removed": len(names_before - names_after),
+            "before": stats,
+            "after": after,
+            "fidelity": fid,
+            "seconds": round(seconds, 4),
+            "stats": result.stats,
+        })
+        stats = after
+        ctx.history.append(step.name)
+    return gm, records
+
+
+def _check_outputs(outputs: list[torch.Tensor], ctx: PassContext, where: str, lossless: bool) -> dict:
+    ref = ctx.reference
+    if len(outputs) != len(ref):
+        raise PassError(f"{where} changed the number of outputs from {len(ref)} to {len(outputs)}",
+                        "passes must keep the model's output signature")
+    for k, (r, o) in enumerate(zip(ref, outputs)):
+        if r.shape != o.shape:
+            raise PassError(f"{where} changed output {k}'s shape from {tuple(r.shape)} to {tuple(o.shape)}",
+                            "passes must keep the model's output shapes")
+    fid = fidelity(ref[ctx.primary], outputs[ctx.primary], logits=ctx.task in ("image-classification", "text-classification", "text-generation"))
+    if not fid["finite"]:
+        raise PassError(f"{where} produced NaN or infinite outputs", "check the pass parameters; run with --debug")
+    if lossless:
+        worst = max(float((r.float() - o.float()).abs().max()) if r.numel() else 0.0 for r, o in zip(ref, outputs))
+        scale = max(float(r.float().abs().max()) if r.numel() else 0.0 for r in ref)
+        if worst > LOSSLESS_ATOL * max(1.0, scale):
+            raise PassError(f"{where} is declared lossless but changed the outputs (max abs error {worst:.3g})",
+                            "this is a bug in the pass; run with --debug")
+    return fid

@@ -1,0 +1,259 @@
+"""Recipe: YAML in, a validated, versioned, fully-defaulted Recipe out.
+
+Strict: unknown keys, unknown passes and wrong types fail with the YAML line and a
+"did you mean". Pass ordering constraints declared by passes are checked here.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from optcc import registry as reg
+from optcc.errors import RecipeError
+from optcc.schema import Located, build_dataclass, convert, did_you_mean, field, json_schema, parse_yaml, to_dict, _Ctx
+
+RECIPE_VERSION = 1
+TASKS = ("image-classification", "text-classification", "feature-extraction", "text-generation", "tensor")
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Example input shapes. Token tasks use batch and seq_len; image tasks batch and
+    image_size (default: the model config's); `tensors` gives explicit float inputs
+    for hand-written models, e.g. {x: [8, 64, 128]}."""
+
+    batch: int = field(2, help="batch size of the example inputs (>= 2 keeps the batch dimension dynamic)")
+    seq_len: int = field(32, help="tokens per sequence for token tasks")
+    image_size: Optional[int] = field(None, help="image side in pixels (default: from the model config)")
+    tensors: Optional[dict[str, tuple[int, ...]]] = field(None, help="explicit float inputs: name -> shape")
+
+    def __post_init__(self) -> None:
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, got {self.batch}")
+        if self.seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {self.seq_len}")
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    source: Optional[str] = field(None, help="default model when the command line names none, e.g. builtin:vit-digits")
+    task: Optional[str] = field(None, help=f"one of {', '.join(TASKS)} (default: inferred from the model)")
+    inputs: Inputs = field(default_factory=Inputs, help="example input shapes")
+    dynamic: bool = field(True, help="export batch (and sequence) dimensions as dynamic")
+
+    def __post_init__(self) -> None:
+        if self.task is not None and self.task not in TASKS:
+            hint = did_you_mean(self.task, TASKS)
+            raise ValueError(f"task '{self.task}' is unknown; {hint or 'use one of ' + ', '.join(TASKS)}")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    source: str = field("auto", help="auto (the model's own data or random inputs) | random | builtin:NAME | text-file:PATH")
+    samples: int = field(32, help="number of calibration samples")
+    seed: int = field(0, help="seed for random calibration data")
+
+
+@dataclass(frozen=True)
+class Evaluate:
+    source: str = field("auto", help="auto (built-in held-out set of a built-in model) | builtin:NAME | text-file:PATH | image-folder:PATH | jsonl:PATH")
+    metric: str = field("auto", help="auto | accuracy | perplexity | embedding")
+    samples: int = field(256, help="maximum number of evaluation samples")
+
+
+@dataclass(frozen=True)
+class Emit:
+    formats: tuple[Literal["onnx", "torch"], ...] = field(("onnx", "torch"), help="artifacts to write")
+    opset: int = field(18, help="ONNX opset")
+    atol: float = field(1e-3, help="max abs difference allowed between a re-loaded artifact and the optimized graph")
+
+    def __post_init__(self) -> None:
+        if not self.formats:
+            raise ValueError("formats must name at least one of onnx, torch")
+
+
+@dataclass(frozen=True)
+class Bench:
+    backends: tuple[Literal["torch", "onnxruntime"], ...] = field(("torch", "onnxruntime"), help="backends to time the artifacts on")
+    warmup: int = field(3, help="untimed warm-up calls per backend")
+    iters: int = field(10, help="minimum timed calls per backend")
+    min_seconds: float = field(1.0, help="minimum timed seconds per backend")
+    threads: Optional[int] = field(None, help="intra-op threads (default: torch's current setting)")
+    enabled: bool = field(True, help="set false to skip timing")
+
+
+@dataclass(frozen=True)
+class PassStep:
+    name: str
+    config: Any
+    line: int
+
+
+@dataclass(frozen=True)
+class Recipe:
+    version: int
+    model: ModelSection
+    calibration: Calibration
+    evaluate: Optional[Evaluate]
+    passes: tuple[PassStep, ...]
+    emit: Emit
+    bench: Bench
+    require: dict[str, str]
+    path: str = ""
+
+    def to_dict(self) -> dict:
+        d = {
+            "version": self.version,
+            "model": to_dict(self.model),
+            "calibration": to_dict(self.calibration),
+            "evaluate": to_dict(self.evaluate) if self.evaluate else None,
+            "passes": [{s.name: to_dict(s.config)} for s in self.passes],
+            "emit": to_dict(self.emit),
+            "bench": to_dict(self.bench),
+            "require": dict(self.require),
+        }
+        return d
+
+
+_SECTIONS = {
+    "version": None,
+    "model": ModelSection,
+    "calibration": Calibration,
+    "evaluate": Evaluate,
+    "passes": None,
+    "emit": Emit,
+    "bench": Bench,
+    "require": None,
+}
+
+_REQUIRE_RE = re.compile(r"^\s*(>=|<=|==|>|<)\s*(-?[0-9.]+(?:[eE]-?[0-9]+)?)\s*$")
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    path = Path(path)
+    if not path.exists():
+        raise RecipeError(f"{path}: no such recipe file", "pass the path of a recipe YAML, e.g. recipes/quickstart.yaml")
+    if path.is_dir():
+        raise RecipeError(f"{path}: is a folder, not a recipe file", "pass the path of a recipe YAML")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise RecipeError(f"{path}: cannot read: {e}", "pass a UTF-8 YAML file") from e
+    return parse_recipe(text, str(path))
+
+
+def parse_recipe(text: str, filename: str = "<recipe>") -> Recipe:
+    root = parse_yaml(text, filename)
+    ctx = _Ctx(filename)
+    if not isinstance(root.value, dict):
+        kind = "a list" if isinstance(root.value, list) else f"a {type(root.value).__name__}"
+        raise RecipeError(f"{filename}:{root.line}: the recipe must be a mapping of sections, got {kind}",
+                          "start from recipes/quickstart.yaml (version, model, passes, emit, bench)")
+    raw = root.value
+    for key, loc in raw.items():
+        if key not in _SECTIONS:
+            hint = did_you_mean(key, _SECTIONS) or f"sections are: {', '.join(_SECTIONS)}"
+            raise ctx.fail(key, loc.line, "unknown section", hint)
+    if "version" not in raw:
+        raise RecipeError(f"{filename}:1: missing 'version: {RECIPE_VERSION}'", f"add 'version: {RECIPE_VERSION}' at the top")
+    version = convert(raw["version"], int, "version", filename)
+    if version != RECIPE_VERSION:
+        raise ctx.fail("version", raw["version"].line, f"unsupported recipe version {version}",
+                       f"this optcc reads version {RECIPE_VERSION}")
+
+    def section(name: str, cls: type) -> Any:
+        loc = raw.get(name)
+        return convert(loc if loc is not None else Located({}, 1), cls, name, filename)
+
+    evaluate = section("evaluate", Evaluate) if "evaluate" in raw and raw["evaluate"].value is not None else None
+    passes = _parse_passes(raw.get("passes"), filename, ctx)
+    require = convert(raw["require"], dict[str, str], "require", filename) if "require" in raw else {}
+    for metric, expr in require.items():
+        if not _REQUIRE_RE.match(expr):
+            line = raw["require"].value[metric].line
+            raise ctx.fail(f"require.{metric}", line, f"cannot parse '{expr}'", "write a comparison like \">= 1.5\" or \"<= 40\"")
+    return Recipe(
+        version=version,
+        model=section("model", ModelSection),
+        calibration=section("calibration", Calibration),
+        evaluate=evaluate,
+        passes=passes,
+        emit=section("emit", Emit),
+        bench=section("bench", Bench),
+        require=require,
+        path=filename,
+    )
+
+
+def _parse_passes(loc: Optional[Located], filename: str, ctx: _Ctx) -> tuple[PassStep, ...]:
+    if loc is None or loc.value is None:
+        return ()
+    if not isinstance(loc.value, list):
+        raise ctx.fail("passes", loc.line, "expected a list of passes", "write each pass as '- name: {params}'")
+    specs = reg.registry()
+    steps = []
+    for i, item in enumerate(loc.value):
+        where = f"passes[{i}]"
+        if isinstance(item.value, str):  # "- cleanup" shorthand: a pass with its defaults
+            name, params = item.value, Located({}, item.line)
+        elif isinstance(item.value, dict) and len(item.value) == 1:
+            name, params = next(iter(item.value.items()))
+        else:
+            raise ctx.fail(where, item.line, "each pass is a one-key mapping", "write '- pass_name: {param: value}'")
+        if name not in specs:
+            hint = did_you_mean(name, specs) or f"available: {', '.join(sorted(specs))} (see `optcc passes`)"
+            raise ctx.fail(where, item.line, f"unknown pass '{name}'", hint)
+        cfg = convert(params if params.value is not None else Located({}, params.line), specs[name].config,
+                      f"passes[{i}].{name}", filename)
+        steps.append(PassStep(name, cfg, item.line))
+    _check_order(steps, specs, filename)
+    return tuple(steps)
+
+
+def _check_order(steps: list[PassStep], specs: dict[str, reg.PassSpec], filename: str) -> None:
+    for step in steps:
+        for earlier in specs[step.name].after:
+            later_pos = [s for s in steps[steps.index(step) + 1:] if s.name == earlier]
+            if later_pos:
+                raise RecipeError(
+                    f"{filename}:{step.line}: pass '{step.name}' must run after '{earlier}' (line {later_pos[0].line})",
+                    f"move '{earlier}' above '{step.name}'",
+                )
+
+
+def recipe_json_schema() -> dict:
+    """JSON Schema of the recipe, generated from the same dataclasses that validate it."""
+    specs = reg.registry()
+    pass_items = [
+        {"type": "object", "properties": {name: {"anyOf": [json_schema(s.config), {"type": "null"}]}},
+         "required": [name], "additionalProperties": False, "description": s.summary}
+        for name, s in sorted(specs.items())
+    ] + [{"enum": sorted(specs)}]
+    return {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "title": "optcc recipe",
+        "type": "object",
+        "required": ["version"],
+        "additionalProperties": False,
+        "properties": {
+            "version": {"const": RECIPE_VERSION},
+            "model": json_schema(ModelSection),
+            "calibration": json_schema(Calibration),
+            "evaluate": json_schema(Evaluate),
+            "passes": {"type": "array", "items": {"anyOf": pass_items}},
+            "emit": json_schema(Emit),
+            "bench": json_schema(Bench),
+            "require": {"type": "object", "additionalProperties": {"type": "string", "pattern": _REQUIRE_RE.pattern},
+                        "description": "CI gates: metric -> comparison, e.g. speedup: '>= 1.5'"},
+        },
+    }
+
+
+def dump_lock(recipe: Recipe, extra: dict) -> str:
+    data = {"recipe": recipe.to_dict(), **extra}
+    return yaml.safe_dump(data, sort_keys=False)

@@ -1,0 +1,71 @@
+"""The pass contract and its one explicit registry.
+
+A pass is one file in passes/: a frozen Config dataclass and
+`run(gm, cfg, ctx) -> PassResult`, registered with `@register(...)`.
+passes/__init__.py imports every pass module by name; nothing is discovered.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable
+
+if TYPE_CHECKING:
+    import torch.fx
+
+    from optcc.context import PassContext
+
+
+@dataclass
+class PassResult:
+    """What a pass hands back. `stats` is free-form JSON data for the report
+    (e.g. removed blocks, tokens per block); passes never print."""
+
+    gm: "torch.fx.GraphModule"
+    modified: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    name: str
+    config: type
+    run: Callable[..., PassResult]
+    summary: str
+    lossless: bool  # the manager then requires outputs to match the reference
+    after: tuple[str, ...]  # if present in a recipe, these passes must come earlier
+    tasks: tuple[str, ...] | None  # tasks the pass accepts (None = any)
+
+
+_REGISTRY: dict[str, PassSpec] = {}
+
+
+def register(
+    name: str,
+    config: type,
+    *,
+    summary: str,
+    lossless: bool = False,
+    after: tuple[str, ...] = (),
+    tasks: tuple[str, ...] | None = None,
+) -> Callable[[Callable[..., PassResult]], Callable[..., PassResult]]:
+    if not dataclasses.is_dataclass(config):
+        raise TypeError(f"pass {name}: config must be a dataclass")
+
+    def deco(fn: Callable[..., PassResult]) -> Callable[..., PassResult]:
+        if name in _REGISTRY:
+            raise RuntimeError(f"pass '{name}' registered twice")
+        _REGISTRY[name] = PassSpec(name, config, fn, summary, lossless, tuple(after), tasks)
+        return fn
+
+    return deco
+
+
+def registry() -> dict[str, PassSpec]:
+    import optcc.passes  # noqa: F401  (registers the built-in passes)
+
+    return dict(_REGISTRY)
+
+
+def get(name: str) -> PassSpec:
+    return registry()[name]

@@ -1,0 +1,122 @@
+"""Rich views of library objects (reports, structures, pass lists). Views only:
+nothing here computes a number."""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from rich.console import Console
+from rich.table import Table
+from rich.tree import Tree
+
+from optcc.report import human_bytes
+from optcc.structure import Structure
+
+
+def _f(x: Any, d: int = 3) -> str:
+    return "—" if x is None else (f"{x:.{d}f}" if isinstance(x, float) else str(x))
+
+
+def report_tables(r: dict) -> list[Any]:
+    out = []
+    lat = r.get("latency")
+    if lat:
+        t = Table(title=f"latency ({r['model']['name']}, {', '.join(f'{k} {v}' for k, v in r['inputs'].items())}, {lat['threads']} threads)")
+        for c in ("backend", "p50 ms", "p90 ms", "p99 ms", "items/s", "speedup"):
+            t.add_column(c, justify="right" if c != "backend" else "left")
+        b = lat["baseline"]
+        t.add_row("torch eager (baseline)", _f(b["p50_ms"]), _f(b["p90_ms"]), _f(b["p99_ms"]), _f(b["throughput_per_s"], 1), "1.00x")
+        for k, v in lat["optimized"].items():
+            sp = lat["speedup_by_backend"][k]
+            style = "red" if sp < 1.0 else "green"
+            t.add_row(k, _f(v["p50_ms"]), _f(v["p90_ms"]), _f(v["p99_ms"]), _f(v["throughput_per_s"], 1),
+                      f"[{style}]{sp:.2f}x[/{style}]" + (" (slower)" if sp < 1.0 else ""))
+        out.append(t)
+    f = r["fidelity"]
+    t = Table(title="fidelity vs original")
+    t.add_column("artifact")
+    for c in ("cosine mean", "cosine min", "max abs err", "top-1 agree"):
+        t.add_column(c, justify="right")
+    for name, v in f["by_artifact"].items():
+        t.add_row(name, _f(v["cosine_mean"], 6), _f(v["cosine_min"], 6), f"{v['max_abs_err']:.3g}", _f(v.get("top1_agreement"), 4))
+    out.append(t)
+    if r.get("task_metric"):
+        tm = r["task_metric"]
+        t = Table(title=f"task metric: {tm['metric']} ({tm['source']}, {tm['samples']} samples)")
+        for c in ("baseline", "optimized", "change"):
+            t.add_column(c, justify="right")
+        t.add_row(_f(tm["baseline"], 4), _f(tm["optimized"], 4), _f(tm["optimized"] - tm["baseline"], 4))
+        out.append(t)
+    t = Table(title="passes")
+    for c in ("#", "pass", "nodes −/+", "params", "GFLOPs", "cosine", "seconds"):
+        t.add_column(c, justify="left" if c == "pass" else "right")
+    for p in r["passes"]:
+        t.add_row(str(p["step"]), p["name"], f"−{p['nodes_removed']}/+{p['nodes_added']}",
+                  f"{p['before']['params']:,} → {p['after']['params']:,}",
+                  f"{p['before']['flops'] / 1e9:.3f} → {p['after']['flops'] / 1e9:.3f}",
+                  _f(p["fidelity"]["cosine_mean"], 6), _f(p["seconds"], 2))
+    out.append(t)
+    t = Table(title="artifacts")
+    for c in ("format", "path", "size", "sha256"):
+        t.add_column(c)
+    for a in r["artifacts"]:
+        t.add_row(a["format"], a["path"], human_bytes(a["bytes"]), a["sha256"][:16])
+    out.append(t)
+    if r.get("requirements"):
+        t = Table(title="requirements")
+        for c in ("metric", "required", "value", "ok"):
+            t.add_column(c)
+        for q in r["requirements"]:
+            t.add_row(q["metric"], q["require"], _f(q["value"]), "[green]yes[/green]" if q["ok"] else "[red]NO[/red]")
+        out.append(t)
+    return out
+
+
+def structure_tree(name: str, task: str, s: Structure) -> Tree:
+    causal = {True: "causal", False: "bidirectional", None: "causality unknown"}[s.causal]
+    root = Tree(f"[bold]{name}[/bold] ({task}, {causal})")
+    if s.embeddings:
+        root.add("embeddings: " + ", ".join(s.embeddings))
+    blocks = root.add(f"blocks: {len(s.blocks)} × {s.container or '?'}")
+    for b in s.blocks:
+        node = blocks.add(f"[bold]{b.path}[/bold]  ({b.norm_position}-norm)")
+        a = b.attention
+        if a:
+            heads = f"{a.num_heads} heads / {a.num_kv_heads} kv, head_dim {a.head_dim}"
+            flags = ", ".join(x for x in ("rotary" if a.rotary else "", "fused qkv" if a.fused_qkv else "") if x)
+            an = node.add(f"attention {a.path} [{a.kind}] {heads}" + (f" ({flags})" if flags else ""))
+            for role in ("q", "k", "v", "o"):
+                path = getattr(a, role)
+                li = s.linear(path) if path else None
+                if li:
+                    an.add(f"{role}: {path} {li.in_features}→{li.out_features}")
+        if b.mlp:
+            mn = node.add(f"mlp {b.mlp.path}" + (" (gated)" if b.mlp.gated else ""))
+            for p in b.mlp.linears:
+                li = s.linear(p)
+                mn.add(f"{p} {li.in_features}→{li.out_features}" + ("  (down)" if p == b.mlp.down else ""))
+        if b.norms:
+            node.add("norms: " + ", ".join(b.norms))
+    if s.final_norms:
+        root.add("final norm: " + ", ".join(s.final_norms))
+    if s.head:
+        root.add("head: " + ", ".join(s.head))
+    for n in s.notes:
+        root.add(f"[yellow]note: {n}[/yellow]")
+    return root
+
+
+def passes_table(passes: list[dict]) -> Table:
+    t = Table(title="passes")
+    t.add_column("pass")
+    t.add_column("what it does")
+    t.add_column("parameters (default)")
+    for p in passes:
+        params = []
+        for k, v in p["config"]["properties"].items():
+            params.append(f"{k} = {v.get('default', '(required)')!r}: {v.get('description', '')}")
+        t.add_row(p["name"], p["summary"] + (" [lossless]" if p["lossless"] else ""), "\n".join(params) or "—")
+    return t
+
+
+def console(stderr: bool = False, force_plain: Optional[bool] = None) -> Console:
+    return Console(stderr=stderr, highlight=False, soft_wrap=False)

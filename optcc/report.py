@@ -1,0 +1,102 @@
+"""The report object (report.json is the contract; docs/report.md documents it),
+its markdown view, and `require:` gate evaluation."""
+from __future__ import annotations
+
+import operator
+import re
+from typing import Any, Optional
+
+_OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
+_EXPR = re.compile(r"^\s*(>=|<=|==|>|<)\s*(-?[0-9.]+(?:[eE]-?[0-9]+)?)\s*$")
+
+# Short names a recipe's `require:` may use, mapped to report.json paths.
+ALIASES = {
+    "speedup": "latency.speedup",
+    "latency.p50_ms": "latency.best.p50_ms",
+    "latency.p90_ms": "latency.best.p90_ms",
+    "latency.p99_ms": "latency.best.p99_ms",
+}
+
+
+def lookup(report: dict, path: str) -> Any:
+    cur: Any = report
+    for part in ALIASES.get(path, path).split("."):
+        if not isinstance(cur, dict) or part not in cur:
+            return None
+        cur = cur[part]
+    return cur
+
+
+def check_requirements(report: dict, require: dict[str, str]) -> list[dict]:
+    out = []
+    for metric, expr in require.items():
+        m = _EXPR.match(expr)
+        op, bound = m.group(1), float(m.group(2))  # validated at recipe load
+        value = lookup(report, metric)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and _OPS[op](float(value), bound)
+        out.append({"metric": metric, "require": expr, "value": value, "ok": bool(ok),
+                    "margin": (float(value) - bound) if isinstance(value, (int, float)) else None})
+    return out
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return "—" if x is None else str(x)
+
+
+def human_bytes(n: Optional[int]) -> str:
+    if n is None:
+        return "—"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return str(n)
+
+
+def to_markdown(r: dict) -> str:
+    lines = [f"# optcc report: {r['model']['name']}", ""]
+    lines += [f"- model: `{r['model']['source']}` ({r['model']['task']}, {r['model']['params']:,} parameters)",
+              f"- recipe: `{r['recipe']['path']}`",
+              f"- inputs: " + ", ".join(f"{k} {v}" for k, v in r["inputs"].items()),
+              f"- threads: {r['environment']['threads']}, cpu: {r['environment']['cpu']}", ""]
+    lat = r.get("latency") or {}
+    if lat.get("baseline"):
+        lines += ["## Latency", "", "| backend | p50 ms | p90 ms | p99 ms | mean ms | std ms | iters | items/s | speedup |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        rows = [("torch eager (baseline)", lat["baseline"], 1.0)]
+        rows += [(k, v, lat["speedup_by_backend"].get(k)) for k, v in lat.get("optimized", {}).items()]
+        for name, s, sp in rows:
+            lines.append(f"| {name} | {s['p50_ms']:.3f} | {s['p90_ms']:.3f} | {s['p99_ms']:.3f} | {s['mean_ms']:.3f} | "
+                         f"{s['std_ms']:.3f} | {s['iters']} | {s['throughput_per_s']:.1f} | {_fmt(sp, 3)}x |")
+        lines += ["", f"Best speedup vs baseline: **{_fmt(lat.get('speedup'), 3)}x**", ""]
+        slower = [k for k, v in lat.get("speedup_by_backend", {}).items() if v is not None and v < 1.0]
+        if slower:
+            lines += [f"**Slower than the baseline on: {', '.join(slower)}.**", ""]
+    f = r["fidelity"]
+    lines += ["## Fidelity (optimized vs original, primary output)", "",
+              "| metric | value |", "|---|---|"]
+    for k in ("cosine_mean", "cosine_min", "max_abs_err", "top1_agreement"):
+        if k in f:
+            lines.append(f"| {k} | {_fmt(f[k], 6)} |")
+    task = r.get("task_metric")
+    if task:
+        lines += ["", f"Task metric ({task['metric']} on {task['source']}, {task['samples']} samples): "
+                      f"baseline {_fmt(task['baseline'], 5)}, optimized {_fmt(task['optimized'], 5)}"]
+    lines += ["", "## Passes", "", "| # | pass | nodes −/+ | params | FLOPs | cosine | max abs err | seconds |",
+              "|---|---|---|---|---|---|---|---|"]
+    for p in r["passes"]:
+        lines.append(f"| {p['step']} | {p['name']} | −{p['nodes_removed']}/+{p['nodes_added']} | "
+                     f"{p['before']['params']:,} → {p['after']['params']:,} | {p['before']['flops']:,} → {p['after']['flops']:,} | "
+                     f"{p['fidelity']['cosine_mean']:.6f} | {p['fidelity']['max_abs_err']:.3g} | {p['seconds']:.2f} |")
+    if not r["passes"]:
+        lines.append("| – | (no passes) | | | | | | |")
+    lines += ["", "## Artifacts", "", "| format | file | size | sha256 |", "|---|---|---|---|"]
+    for a in r["artifacts"]:
+        lines.append(f"| {a['format']} | {a['path']} | {human_bytes(a['bytes'])} | `{a['sha256'][:16]}…` |")
+    if r.get("requirements"):
+        lines += ["", "## Requirements", "", "| metric | required | value | ok |", "|---|---|---|---|"]
+        for q in r["requirements"]:
+            lines.append(f"| {q['metric']} | {q['require']} | {_fmt(q['value'])} | {'yes' if q['ok'] else '**NO**'} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,3 @@
+"""optcc's graph passes, one per file. Each module registers itself on import;
+this list is the single place that says which passes exist."""
+from optcc.passes import cleanup  # noqa: F401

@@ -1,0 +1,126 @@
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from optcc import registry
+from optcc.api import prepare
+from optcc.capture import capture
+from optcc.context import PassContext
+from optcc.errors import PassError
+from optcc.manager import run_passes
+from optcc.recipe import PassStep, parse_recipe
+from optcc.registry import PassResult
+
+
+@dataclass(frozen=True)
+class NoConfig:
+    pass
+
+
+@pytest.fixture
+def vit():
+    recipe = parse_recipe("version: 1\nmodel: {inputs: {batch: 2}}\n")
+    prep = prepare("builtin:tiny-vit", None, None, recipe)
+    gm = capture(prep.lm.module, prep.inputs).module()
+    ctx = PassContext(prep.lm.task, prep.inputs, prep.reference, prep.primary, prep.causal)
+    return gm, ctx
+
+
+@pytest.fixture
+def temp_pass():
+    names = []
+
+    def add(name, fn, lossless=False):
+        registry.register(name, NoConfig, summary="test", lossless=lossless)(fn)
+        names.append(name)
+
+    yield add
+    for n in names:
+        registry._REGISTRY.pop(n, None)
+
+
+def _step(name):
+    return PassStep(name, registry.get(name).config(), 1)
+
+
+def test_cleanup_is_lossless_and_removes_nodes(vit):
+    gm, ctx = vit
+    gm, records = run_passes(gm, (_step("cleanup"),), ctx)
+    r = records[0]
+    assert r["modified"] and r["nodes_removed"] > 0 and r["nodes_added"] == 0
+    assert r["stats"]["removed_by_op"]["dropout"] > 0
+    assert r["after"]["nodes"] < r["before"]["nodes"]
+    assert r["after"]["flops"] == r["before"]["flops"] > 0
+    assert r["fidelity"]["max_abs_err"] < 1e-6
+    assert not any(n.target == torch.ops.aten.dropout.default for n in gm.graph.nodes)
+
+
+def test_wrong_lossless_pass_is_caught_and_named(vit, temp_pass):
+    def scale_output(gm, cfg, ctx):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        leaf = out.args[0][0]
+        with gm.graph.inserting_before(out):
+            bad = gm.graph.call_function(torch.ops.aten.mul.Tensor, (leaf, 1.5))
+        out.replace_input_with(leaf, bad)
+        gm.recompile()
+        return PassResult(gm, True)
+
+    temp_pass("test_scale", scale_output, lossless=True)
+    gm, ctx = vit
+    with pytest.raises(PassError) as e:
+        run_passes(gm, (_step("cleanup"), _step("test_scale")), ctx)
+    assert "pass 'test_scale' (step 2 after cleanup) is declared lossless but changed the outputs" in e.value.message
+
+
+def test_pass_that_crashes_is_named(vit, temp_pass):
+    def boom(gm, cfg, ctx):
+        raise ValueError("kaput")
+
+    temp_pass("test_boom", boom)
+    gm, ctx = vit
+    with pytest.raises(PassError, match=r"pass 'test_boom' \(step 1 \(first pass\)\) crashed: ValueError: kaput"):
+        run_passes(gm, (_step("test_boom"),), ctx)
+
+
+def test_pass_that_breaks_shapes_is_named(vit, temp_pass):
+    def truncate(gm, cfg, ctx):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        leaf = out.args[0][0]
+        with gm.graph.inserting_before(out):
+            bad = gm.graph.call_function(torch.ops.aten.slice.Tensor, (leaf, 1, 0, 3))
+        out.replace_input_with(leaf, bad)
+        gm.recompile()
+        return PassResult(gm, True)
+
+    temp_pass("test_truncate", truncate)
+    gm, ctx = vit
+    with pytest.raises(PassError, match="pass 'test_truncate' .* changed output 0's shape"):
+        run_passes(gm, (_step("test_truncate"),), ctx)
+
+
+def test_pass_that_makes_nan_is_named(vit, temp_pass):
+    def nan(gm, cfg, ctx):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        leaf = out.args[0][0]
+        with gm.graph.inserting_before(out):
+            bad = gm.graph.call_function(torch.ops.aten.div.Tensor, (leaf, 0.0))
+            bad = gm.graph.call_function(torch.ops.aten.mul.Tensor, (bad, 0.0))
+        out.replace_input_with(leaf, bad)
+        gm.recompile()
+        return PassResult(gm, True)
+
+    temp_pass("test_nan", nan)
+    gm, ctx = vit
+    with pytest.raises(PassError, match="pass 'test_nan' .* NaN"):
+        run_passes(gm, (_step("test_nan"),), ctx)
+
+
+def test_ordering_constraint_checked_at_load(temp_pass):
+    registry.register("test_late", NoConfig, summary="t", after=("cleanup",))(lambda gm, c, x: PassResult(gm, False))
+    try:
+        with pytest.raises(Exception, match="must run after 'cleanup'"):
+            parse_recipe("version: 1\npasses:\n  - test_late: {}\n  - cleanup: {}\n", "r.yaml")
+        parse_recipe("version: 1\npasses:\n  - cleanup: {}\n  - test_late: {}\n", "r.yaml")
+    finally:
+        registry._REGISTRY.pop("test_late", None)
