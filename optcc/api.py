@@ -19,7 +19,9 @@ import torch
 
 from optcc import registry
 from optcc.bench import measure, peak_rss_mb
-from optcc.capture import capture, flat_outputs, primary_index
+from optcc.capture import capture, flat_outputs, primary_index, run_graph
+from optcc.data import calibration, evaluation
+from optcc.evaluate import compare, metric_for, run_metric, strip
 from optcc.context import PassContext
 from optcc.emit import emit_all
 from optcc.environment import environment
@@ -116,9 +118,18 @@ def apply(recipe_path: str | Path, model: Optional[str] = None, out: str | Path 
     on_event("stage", name="load model")
     prep = prepare(source, task, weights, recipe)
     lm = prep.lm
+    evalset = evaluation(lm, recipe, prep.inputs)
+    base_metric = None
+    if evalset is not None:
+        on_event("stage", name=f"evaluate baseline ({evalset.source})")
+        metric_for(evalset, recipe.evaluate.metric if recipe.evaluate else "auto")
+        base_metric = run_metric(evalset, lambda b: flat_outputs(lm.module(**b)), prep.primary)
     on_event("stage", name="capture")
     gm = capture(lm.module, prep.inputs, recipe.model.dynamic).module()
-    ctx = PassContext(lm.task, prep.inputs, prep.reference, prep.primary, prep.causal, progress=_progress(on_event))
+    ctx = PassContext(lm.task, prep.inputs, prep.reference, prep.primary, prep.causal,
+                      calibration=_cached(lambda: calibration(lm, recipe, prep.inputs)), progress=_progress(on_event))
+    if evalset is not None:
+        ctx.evaluate = lambda g: strip(compare(base_metric, run_metric(evalset, lambda b: run_graph(g, b), prep.primary)))
     on_event("stage", name="passes")
     gm, records = run_passes(gm, recipe.passes, ctx, on_pass=lambda n, i, k: on_event("pass", name=n, i=i, n=k))
 
@@ -136,6 +147,15 @@ def apply(recipe_path: str | Path, model: Optional[str] = None, out: str | Path 
                                      logits=lm.task != "feature-extraction")
                   for a in artifacts}
         worst = min(fid_by.values(), key=lambda f: f["cosine_mean"])
+        task_metric = None
+        if evalset is not None:
+            on_event("stage", name="evaluate artifacts")
+            by = {a.format: strip(compare(base_metric, run_metric(evalset, a.runner, prep.primary))) for a in artifacts}
+            sign = 1.0 if base_metric["metric"] == "perplexity" else -1.0  # which direction is worse
+            worst_fmt = max(by, key=lambda k: sign * by[k]["delta"])
+            task_metric = {"metric": base_metric["metric"], "source": evalset.source, "samples": evalset.samples,
+                           "baseline": base_metric["value"], "optimized": by[worst_fmt]["value"],
+                           "delta": by[worst_fmt]["delta"], "by_artifact": by}
         latency = None
         if recipe.bench.enabled:
             on_event("stage", name="bench")
@@ -149,6 +169,7 @@ def apply(recipe_path: str | Path, model: Optional[str] = None, out: str | Path 
             "inputs": {k: list(v.shape) for k, v in prep.inputs.items()},
             "latency": latency,
             "fidelity": {**worst, "by_artifact": fid_by},
+            "task_metric": task_metric,
             "passes": records,
             "artifacts": [a.to_dict(tmp) for a in artifacts],
             "memory": {"process_peak_rss_mb": round(peak_rss_mb(), 1)},
@@ -221,6 +242,17 @@ def _replace_dir(new: Path, out: Path) -> None:
         raise
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def _cached(fn: Callable[[], Any]) -> Callable[[], Any]:
+    box: list = []
+
+    def get() -> Any:
+        if not box:
+            box.append(fn())
+        return box[0]
+
+    return get
 
 
 def _progress(on_event: Events):

@@ -26,6 +26,7 @@ class PassContext:
     calibration: Callable[[], list[dict[str, torch.Tensor]]] = lambda: []  # lazily built batches
     progress: ProgressFn = _no_progress  # passes report progress through this, never print
     history: list[str] = field(default_factory=list)  # names of the passes that already ran
+    evaluate: Optional[Callable[[fx.GraphModule], dict]] = None  # task metric of a graph, when data exist
 
     def structure(self, gm: fx.GraphModule) -> Structure:
         s = analyze(gm)

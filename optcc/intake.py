@@ -149,6 +149,7 @@ def _load_hf_folder(folder: Path, task: Optional[str], source: str) -> LoadedMod
     import transformers
 
     auto = getattr(transformers, _AUTO[task])
+    transformers.utils.logging.disable_progress_bar()  # progress belongs to optcc's own display
     try:
         module = auto.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="sdpa", use_safetensors=True)
     except Exception as e:  # transformers raises many types; the message is what matters

@@ -80,6 +80,7 @@ def run_passes(
             "fidelity": fid,
             "seconds": round(seconds, 4),
             "stats": result.stats,
+            "task_metric": ctx.evaluate(gm) if ctx.evaluate else None,
         })
         stats = after
         ctx.history.append(step.name)

@@ -47,13 +47,16 @@ def report_tables(r: dict) -> list[Any]:
         t.add_row(_f(tm["baseline"], 4), _f(tm["optimized"], 4), _f(tm["optimized"] - tm["baseline"], 4))
         out.append(t)
     t = Table(title="passes")
-    for c in ("#", "pass", "nodes −/+", "params", "GFLOPs", "cosine", "seconds"):
+    has_task = any(p.get("task_metric") for p in r["passes"])
+    cols = ["#", "pass", "nodes −/+", "params", "GFLOPs", "cosine"] + (["task metric"] if has_task else []) + ["seconds"]
+    for c in cols:
         t.add_column(c, justify="left" if c == "pass" else "right")
     for p in r["passes"]:
+        task = [_f(p["task_metric"]["value"], 4) if p.get("task_metric") else "—"] if has_task else []
         t.add_row(str(p["step"]), p["name"], f"−{p['nodes_removed']}/+{p['nodes_added']}",
                   f"{p['before']['params']:,} → {p['after']['params']:,}",
                   f"{p['before']['flops'] / 1e9:.3f} → {p['after']['flops'] / 1e9:.3f}",
-                  _f(p["fidelity"]["cosine_mean"], 6), _f(p["seconds"], 2))
+                  _f(p["fidelity"]["cosine_mean"], 6), *task, _f(p["seconds"], 2))
     out.append(t)
     t = Table(title="artifacts")
     for c in ("format", "path", "size", "sha256"):

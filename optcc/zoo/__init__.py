@@ -1,0 +1,1 @@
+"""Trained reference models (vit-digits, byte-llama) and their eval/calibration data."""

