@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import struct
+import zipfile
+import zlib
 import logging
 import os
 import warnings
@@ -68,6 +71,16 @@ def _quiet():
             lg.setLevel(lv)
 
 
+# Custom torch.library ops → onnxscript translation functions. Filled by the modules
+# that define custom ops (optcc.qops registers on `import optcc`); emit stays ignorant
+# of what they are and hands the table to torch.onnx.export.
+ONNX_TRANSLATIONS: dict[Callable, Callable] = {}
+
+
+def register_onnx_translation(op: Callable, fn: Callable) -> None:
+    ONNX_TRANSLATIONS[op] = fn
+
+
 def export_program(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], dynamic: bool) -> torch.export.ExportedProgram:
     """Re-export the edited graph so it can be saved."""
     return capture(gm, inputs, dynamic)
@@ -75,12 +88,51 @@ def export_program(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], dynamic:
 
 def emit_torch(ep: torch.export.ExportedProgram, out: Path) -> Path:
     path = out / "model.pt2"
+    # Same recipe, model and versions must give the same bytes: drop the
+    # provenance metadata that records Python object ids, then pin the archive's
+    # random serialization id.
+    for node in ep.graph.nodes:
+        node.meta.pop("from_node", None)
     try:
         with _quiet():
             torch.export.save(ep, str(path))
     except Exception as e:
         raise ExportError(f"saving model.pt2 failed: {type(e).__name__}: {e}", "run with --debug") from e
+    _pin_serialization_id(path)
     return path
+
+
+def _pin_serialization_id(path: Path) -> None:
+    """Overwrite the zip record `.data/serialization_id` (random per save) in place
+    with digits derived from the other records' CRCs, and fix its CRC fields."""
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as z:
+        infos = z.infolist()
+    targets = [i for i in infos if i.filename.endswith(".data/serialization_id") and i.compress_type == zipfile.ZIP_STORED]
+    digest = hashlib.sha256()
+    for i in infos:
+        if i not in targets:
+            digest.update(i.filename.encode() + struct.pack("<I", i.CRC))
+    for info in targets:
+        off, size = info.header_offset, info.file_size
+        name_len, extra_len = struct.unpack("<HH", data[off + 26: off + 30])
+        start = off + 30 + name_len + extra_len
+        new = str(int(digest.hexdigest(), 16)).rjust(size, "0")[:size].encode()
+        data[start: start + size] = new
+        crc = struct.pack("<I", zlib.crc32(new))
+        data[off + 14: off + 18] = crc  # local header
+        flags = struct.unpack("<H", data[off + 6: off + 8])[0]
+        if flags & 0x8:  # data descriptor after the data, with or without its signature
+            desc = start + size + (4 if data[start + size: start + size + 4] == b"PK\x07\x08" else 0)
+            data[desc: desc + 4] = crc
+        pos = data.find(b"PK\x01\x02")
+        name = info.filename.encode()
+        while pos >= 0:  # central directory entry
+            n = struct.unpack("<H", data[pos + 28: pos + 30])[0]
+            if data[pos + 46: pos + 46 + n] == name:
+                data[pos + 16: pos + 20] = crc
+            pos = data.find(b"PK\x01\x02", pos + 4)
+    path.write_bytes(bytes(data))
 
 
 def load_torch(path: Path) -> Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]:
@@ -99,7 +151,8 @@ def emit_onnx(ep: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor],
     try:
         with _quiet():
             prog = torch.onnx.export(ep, (), kwargs=dict(inputs), dynamo=True, opset_version=opset,
-                                     external_data=large, optimize=True, verbose=False)
+                                     external_data=large, optimize=True, verbose=False,
+                                     custom_translation_table=dict(ONNX_TRANSLATIONS) or None)
             prog.save(str(path), external_data=large)
     except Exception as e:
         raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
