@@ -50,6 +50,8 @@ def apply(
     task: Optional[str] = typer.Option(None, help="override the task (e.g. text-generation)"),
     weights: Optional[str] = typer.Option(None, help="safetensors state dict for a factory model"),
     as_json: bool = typer.Option(False, "--json", help="print report.json on stdout"),
+    baseline: Optional[Path] = typer.Option(None, help="previous report.json: fail (exit 7) on a regression beyond --tolerance"),
+    tolerance: Optional[float] = typer.Option(None, help="regression tolerance (default: 10% speedup, 0.002 cosine, 1% task metric)"),
     debug: bool = typer.Option(False, help="show tracebacks"),
 ) -> None:
     """Run a recipe on a model: passes → verified artifacts → report."""
@@ -61,7 +63,8 @@ def apply(
         err = console(stderr=True)
         with Progress(err) as progress:
             try:
-                report = run_apply(recipe, model, out, task=task, weights=weights, on_event=progress.event)
+                report = run_apply(recipe, model, out, task=task, weights=weights, on_event=progress.event,
+                                   baseline=baseline, tolerance=tolerance)
             except RequirementError:
                 _show(json.loads((out / "report.json").read_text()), as_json, out)
                 raise
@@ -81,6 +84,42 @@ def _show(report: dict, as_json: bool, out: Path) -> None:
         con.print(t)
     con.print(f"wrote {out}/ (report.json, report.md, recipe.lock.yaml, "
               + ", ".join(Path(a['path']).name for a in report["artifacts"]) + ")")
+
+
+@app.command()
+def diff(
+    out: Path = typer.Argument(..., help="output folder of `optcc apply`"),
+    other: Optional[Path] = typer.Argument(None, help="a second output folder to compare with"),
+    pass_name: Optional[str] = typer.Option(None, "--pass", help="only this pass (name or step number)"),
+    graph: bool = typer.Option(False, "--graph", help="node-level diff of the graph (removed red, added green)"),
+    block: Optional[str] = typer.Option(None, help="with --graph: only nodes of this block, e.g. model.layers.3"),
+    as_json: bool = typer.Option(False, "--json", help="print the pass records as JSON"),
+    debug: bool = typer.Option(False, help="show tracebacks"),
+) -> None:
+    """Show what each pass changed: per block, totals, and a speed/fidelity waterfall."""
+    from optcc import diffview
+    from optcc.render import console
+
+    def go() -> None:
+        report = diffview.load_run(out)
+        con = console()
+        if other is not None:
+            second = diffview.load_run(other)
+            if as_json:
+                typer.echo(json.dumps({str(out): report["passes"], str(other): second["passes"]}, indent=2))
+                return
+            con.print(diffview.compare_runs(report, second, str(out), str(other)))
+            return
+        if as_json:
+            typer.echo(json.dumps([p for p in report["passes"] if pass_name in (None, p["name"], str(p["step"]))], indent=2))
+        elif graph:
+            con.print(diffview.graph_diff(out, report, pass_name, block))
+        else:
+            for panel in diffview.pass_sections(report, pass_name):
+                con.print(panel)
+            con.print(diffview.waterfall_table(report))
+
+    _guard(debug, go)
 
 
 @app.command()

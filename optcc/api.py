@@ -30,8 +30,11 @@ from optcc.intake import TOKEN_TASKS, LoadedModel, load_model, make_inputs
 from optcc.manager import run_passes
 from optcc.metrics import fidelity
 from optcc.recipe import Recipe, dump_lock, load_recipe
-from optcc.report import check_requirements, to_markdown
+from optcc.gates import check_requirements, regressions
+from optcc.diffview import waterfall_html
+from optcc.report import to_markdown
 from optcc.schema import json_schema
+from optcc.stats import graph_stats
 from optcc.structure import Structure
 
 Events = Callable[..., None]  # on_event(kind, **data): "stage" (name), "pass" (name, i, n)
@@ -101,14 +104,17 @@ def _inputs_hash(inputs: dict[str, torch.Tensor]) -> str:
 
 
 def apply(recipe_path: str | Path, model: Optional[str] = None, out: str | Path = "out", *,
-          task: Optional[str] = None, weights: Optional[str] = None, on_event: Events = _noop) -> dict:
+          task: Optional[str] = None, weights: Optional[str] = None, on_event: Events = _noop,
+          baseline: Optional[str | Path] = None, tolerance: Optional[float] = None) -> dict:
     """Run a recipe on a model and write artifacts + report into `out` atomically.
 
     Returns the report dict. Raises RequirementError (after writing everything) when a
-    `require:` gate fails; any other OptccError leaves `out` untouched.
+    `require:` gate fails or, given a previous `baseline` report.json, a metric regressed
+    beyond `tolerance`; any other OptccError leaves `out` untouched.
     """
     t_start = time.perf_counter()
     recipe = load_recipe(recipe_path)
+    previous = _read_report(baseline) if baseline else None
     source = model or recipe.model.source
     if not source:
         raise RecipeError(f"{recipe_path}: no model given", "pass MODEL on the command line or set model.source in the recipe")
@@ -128,6 +134,11 @@ def apply(recipe_path: str | Path, model: Optional[str] = None, out: str | Path 
     gm = capture(lm.module, prep.inputs, recipe.model.dynamic).module()
     ctx = PassContext(lm.task, prep.inputs, prep.reference, prep.primary, prep.causal,
                       calibration=_cached(lambda: calibration(lm, recipe, prep.inputs)), progress=_progress(on_event))
+    if recipe.bench.enabled:
+        ctx.time_graph = lambda g: measure({"g": lambda: g(**prep.inputs)}, warmup=2, iters=5, min_seconds=0.3,
+                                           items=1)["g"]["p50_ms"]
+    captured = {**graph_stats(gm, prep.inputs), "latency_ms": ctx.time_graph(gm) if ctx.time_graph else None,
+                "task_metric": base_metric and strip(compare(base_metric, base_metric))}
     if evalset is not None:
         ctx.evaluate = lambda g: strip(compare(base_metric, run_metric(evalset, lambda b: run_graph(g, b), prep.primary)))
     on_event("stage", name="passes")
@@ -170,6 +181,7 @@ def apply(recipe_path: str | Path, model: Optional[str] = None, out: str | Path 
             "latency": latency,
             "fidelity": {**worst, "by_artifact": fid_by},
             "task_metric": task_metric,
+            "captured": captured,
             "passes": records,
             "artifacts": [a.to_dict(tmp) for a in artifacts],
             "memory": {"process_peak_rss_mb": round(peak_rss_mb(), 1)},
@@ -177,14 +189,22 @@ def apply(recipe_path: str | Path, model: Optional[str] = None, out: str | Path 
             "seconds": None,
         }
         report["requirements"] = check_requirements(report, recipe.require)
+        report["regressions"] = regressions(report, previous, tolerance) if previous else []
         report["seconds"] = round(time.perf_counter() - t_start, 2)
         lock = dump_lock(recipe, {"model": {"source": source, "weights_sha256": lm.weights_sha256},
                                   "inputs_sha256": _inputs_hash(prep.inputs),
                                   "artifacts": {a["path"]: a["sha256"] for a in report["artifacts"]},
                                   "versions": {k: v for k, v in report["environment"].items()
                                                if k in ("optcc", "python", "torch", "transformers", "onnx", "onnxruntime", "onnxscript")}})
+        graphs = tmp / "graphs"
+        graphs.mkdir()
+        for rec in records:
+            diff = rec.pop("graph_diff")
+            rec["graph_diff"] = f"graphs/{rec['step']:02d}-{rec['name']}.diff"
+            (graphs / f"{rec['step']:02d}-{rec['name']}.diff").write_text("\n".join(diff) + "\n")
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
         (tmp / "report.md").write_text(to_markdown(report))
+        (tmp / "waterfall.html").write_text(waterfall_html(report))
         (tmp / "recipe.lock.yaml").write_text(lock)
         _replace_dir(tmp, out)
     except BaseException:
@@ -197,7 +217,24 @@ def apply(recipe_path: str | Path, model: Optional[str] = None, out: str | Path 
         q = failed[0]
         raise RequirementError(f"requirement {q['metric']} {q['require']} not met (got {q['value']}); "
                                f"{len(failed)} of {len(report['requirements'])} failed", f"see {out / 'report.md'}") from None
+    regressed = [q for q in report["regressions"] if not q["ok"]]
+    if regressed:
+        q = regressed[0]
+        raise RequirementError(f"regression vs {baseline}: {q['metric']} {q['previous']:.4g} → {q['current']:.4g} "
+                               f"(tolerance {q['tolerance']:g}{' relative' if q['relative'] else ''}); "
+                               f"regressed: {', '.join(r['metric'] for r in regressed)}", f"see {out / 'report.md'}") from None
     return report
+
+
+def _read_report(path: str | Path) -> dict:
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise RecipeError(f"--baseline {p}: not a readable report.json ({e})", "pass the report.json of an earlier run") from e
+    if not isinstance(data, dict) or data.get("optcc_report") != 1:
+        raise RecipeError(f"--baseline {p}: not an optcc report", "pass the report.json of an earlier run")
+    return data
 
 
 def _bench(lm: LoadedModel, prep: Prepared, artifacts, recipe: Recipe) -> dict:

@@ -27,6 +27,7 @@ class PassContext:
     progress: ProgressFn = _no_progress  # passes report progress through this, never print
     history: list[str] = field(default_factory=list)  # names of the passes that already ran
     evaluate: Optional[Callable[[fx.GraphModule], dict]] = None  # task metric of a graph, when data exist
+    time_graph: Optional[Callable[[fx.GraphModule], float]] = None  # p50 ms of a graph, when benchmarking
 
     def structure(self, gm: fx.GraphModule) -> Structure:
         s = analyze(gm)

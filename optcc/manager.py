@@ -16,6 +16,7 @@ from optcc import registry
 from optcc.capture import run_graph
 from optcc.context import PassContext
 from optcc.errors import OptccError, PassError
+from optcc.graphdiff import diff_lines, per_block, snapshot
 from optcc.metrics import fidelity
 from optcc.recipe import PassStep
 from optcc.schema import to_dict
@@ -45,7 +46,7 @@ def run_passes(
         if spec.tasks is not None and ctx.task not in spec.tasks:
             raise PassError(f"{where}: does not apply to task '{ctx.task}'",
                             f"it works on {', '.join(spec.tasks)}; remove it from the recipe")
-        names_before = {n.name for n in gm.graph.nodes}
+        snap_before = snapshot(gm)
         t0 = time.perf_counter()
         try:
             result = spec.run(gm, step.config, ctx)
@@ -66,7 +67,9 @@ def run_passes(
             raise PassError(f"{where} produced a graph that does not run: {type(e).__name__}: {str(e)[:300]}",
                             "this is a bug in the pass; run with --debug") from e
         fid = _check_outputs(outputs, ctx, where, spec.lossless)
-        names_after = {n.name for n in gm.graph.nodes}
+        snap_after = snapshot(gm)
+        names_before = {e["name"] for e in snap_before}
+        names_after = {e["name"] for e in snap_after}
         after = graph_stats(gm, ctx.inputs)
         records.append({
             "name": step.name,
@@ -81,6 +84,9 @@ def run_passes(
             "seconds": round(seconds, 4),
             "stats": result.stats,
             "task_metric": ctx.evaluate(gm) if ctx.evaluate else None,
+            "latency_ms": ctx.time_graph(gm) if ctx.time_graph else None,
+            "blocks": per_block(snap_before, snap_after),
+            "graph_diff": diff_lines(snap_before, snap_after),  # moved to out/graphs/ by the writer
         })
         stats = after
         ctx.history.append(step.name)

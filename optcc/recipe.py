@@ -6,7 +6,6 @@ Strict: unknown keys, unknown passes and wrong types fail with the YAML line and
 from __future__ import annotations
 
 import dataclasses
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
@@ -15,6 +14,7 @@ import yaml
 
 from optcc import registry as reg
 from optcc.errors import RecipeError
+from optcc.gates import EXPR, METRICS
 from optcc.schema import Located, build_dataclass, convert, did_you_mean, field, json_schema, parse_yaml, to_dict, _Ctx
 
 RECIPE_VERSION = 1
@@ -131,8 +131,6 @@ _SECTIONS = {
     "require": None,
 }
 
-_REQUIRE_RE = re.compile(r"^\s*(>=|<=|==|>|<)\s*(-?[0-9.]+(?:[eE]-?[0-9]+)?)\s*$")
-
 
 def load_recipe(path: str | Path) -> Recipe:
     path = Path(path)
@@ -174,8 +172,11 @@ def parse_recipe(text: str, filename: str = "<recipe>") -> Recipe:
     passes = _parse_passes(raw.get("passes"), filename, ctx)
     require = convert(raw["require"], dict[str, str], "require", filename) if "require" in raw else {}
     for metric, expr in require.items():
-        if not _REQUIRE_RE.match(expr):
-            line = raw["require"].value[metric].line
+        line = raw["require"].value[metric].line
+        if metric not in METRICS:
+            hint = did_you_mean(metric, METRICS) or "see docs/ci.md for the metric names"
+            raise ctx.fail(f"require.{metric}", line, "unknown metric", hint)
+        if not EXPR.match(expr):
             raise ctx.fail(f"require.{metric}", line, f"cannot parse '{expr}'", "write a comparison like \">= 1.5\" or \"<= 40\"")
     return Recipe(
         version=version,
@@ -248,7 +249,7 @@ def recipe_json_schema() -> dict:
             "passes": {"type": "array", "items": {"anyOf": pass_items}},
             "emit": json_schema(Emit),
             "bench": json_schema(Bench),
-            "require": {"type": "object", "additionalProperties": {"type": "string", "pattern": _REQUIRE_RE.pattern},
+            "require": {"type": "object", "propertyNames": {"enum": sorted(METRICS)}, "additionalProperties": {"type": "string", "pattern": EXPR.pattern},
                         "description": "CI gates: metric -> comparison, e.g. speedup: '>= 1.5'"},
         },
     }

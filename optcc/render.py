@@ -71,6 +71,14 @@ def report_tables(r: dict) -> list[Any]:
         for q in r["requirements"]:
             t.add_row(q["metric"], q["require"], _f(q["value"]), "[green]yes[/green]" if q["ok"] else "[red]NO[/red]")
         out.append(t)
+    if r.get("regressions"):
+        t = Table(title="regressions vs baseline report")
+        for c in ("metric", "previous", "current", "tolerance", "ok"):
+            t.add_column(c)
+        for q in r["regressions"]:
+            t.add_row(q["metric"], _f(q["previous"]), _f(q["current"]), f"{q['tolerance']:g}",
+                      "[green]yes[/green]" if q["ok"] else "[red]NO[/red]")
+        out.append(t)
     return out
 
 

@@ -1,43 +1,7 @@
-"""The report object (report.json is the contract; docs/report.md documents it),
-its markdown view, and `require:` gate evaluation."""
+"""Markdown view of the report object (report.json is the contract; docs/report.md documents it)."""
 from __future__ import annotations
 
-import operator
-import re
 from typing import Any, Optional
-
-_OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
-_EXPR = re.compile(r"^\s*(>=|<=|==|>|<)\s*(-?[0-9.]+(?:[eE]-?[0-9]+)?)\s*$")
-
-# Short names a recipe's `require:` may use, mapped to report.json paths.
-ALIASES = {
-    "speedup": "latency.speedup",
-    "latency.p50_ms": "latency.best.p50_ms",
-    "latency.p90_ms": "latency.best.p90_ms",
-    "latency.p99_ms": "latency.best.p99_ms",
-}
-
-
-def lookup(report: dict, path: str) -> Any:
-    cur: Any = report
-    for part in ALIASES.get(path, path).split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            return None
-        cur = cur[part]
-    return cur
-
-
-def check_requirements(report: dict, require: dict[str, str]) -> list[dict]:
-    out = []
-    for metric, expr in require.items():
-        m = _EXPR.match(expr)
-        op, bound = m.group(1), float(m.group(2))  # validated at recipe load
-        value = lookup(report, metric)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and _OPS[op](float(value), bound)
-        out.append({"metric": metric, "require": expr, "value": value, "ok": bool(ok),
-                    "margin": (float(value) - bound) if isinstance(value, (int, float)) else None})
-    return out
-
 
 def _fmt(x: Any, digits: int = 4) -> str:
     if isinstance(x, float):
@@ -99,4 +63,9 @@ def to_markdown(r: dict) -> str:
         lines += ["", "## Requirements", "", "| metric | required | value | ok |", "|---|---|---|---|"]
         for q in r["requirements"]:
             lines.append(f"| {q['metric']} | {q['require']} | {_fmt(q['value'])} | {'yes' if q['ok'] else '**NO**'} |")
+    if r.get("regressions"):
+        lines += ["", "## Regressions vs the baseline report", "", "| metric | previous | current | tolerance | ok |", "|---|---|---|---|---|"]
+        for q in r["regressions"]:
+            tol = f"{q['tolerance']:g}{' relative' if q['relative'] else ''}"
+            lines.append(f"| {q['metric']} | {_fmt(q['previous'])} | {_fmt(q['current'])} | {tol} | {'yes' if q['ok'] else '**NO**'} |")
     return "\n".join(lines) + "\n"

@@ -15,7 +15,8 @@ def test_apply_vit_end_to_end(tmp_path, fast_recipe):
     out = tmp_path / "out"
     r = apply(fast_recipe, "builtin:tiny-vit", out)
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["model.onnx", "model.pt2", "recipe.lock.yaml", "report.json", "report.md"]
+    assert files == ["graphs", "model.onnx", "model.pt2", "recipe.lock.yaml", "report.json", "report.md", "waterfall.html"]
+    assert (out / "graphs" / "01-cleanup.diff").exists()
     on_disk = json.loads((out / "report.json").read_text())
     for key in ("latency", "fidelity", "passes", "artifacts", "environment"):
         assert key in on_disk
@@ -66,7 +67,7 @@ def test_failed_run_leaves_earlier_output_untouched(tmp_path, fast_recipe, monke
 
     out = tmp_path / "out"
     apply(fast_recipe, "builtin:tiny-vit", out)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(IntakeError):
         apply(fast_recipe, "builtin:nope", out)
 
@@ -77,7 +78,7 @@ def test_failed_run_leaves_earlier_output_untouched(tmp_path, fast_recipe, monke
     monkeypatch.setattr(api, "emit_all", half_written)
     with pytest.raises(ExportError):
         apply(fast_recipe, "builtin:tiny-vit", out)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".out")] == []  # no temp folders left
 
 

@@ -1,0 +1,111 @@
+"""optcc as a CI step: gates, regressions, reproducible artifacts, pass diffs."""
+import json
+
+import pytest
+
+from conftest import write_recipe
+from test_cli import optcc
+from optcc.api import apply
+from optcc.errors import RecipeError, RequirementError
+from optcc.recipe import parse_recipe
+
+RECIPE = """
+version: 1
+model: {source: builtin:tiny-vit, inputs: {batch: 2}}
+passes: [cleanup]
+emit: {formats: [onnx, torch]}
+bench: {warmup: 1, iters: 3, min_seconds: 0.0}
+"""
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ci")
+    out = tmp / "out"
+    apply(write_recipe(tmp, RECIPE), None, out)
+    return tmp, out
+
+
+def test_same_inputs_give_byte_identical_artifacts(run, tmp_path):
+    tmp, out = run
+    apply(write_recipe(tmp_path, RECIPE), None, tmp_path / "again")
+    first = {a["format"]: a["sha256"] for a in json.loads((out / "report.json").read_text())["artifacts"]}
+    second = {a["format"]: a["sha256"] for a in json.loads((tmp_path / "again" / "report.json").read_text())["artifacts"]}
+    assert first == second and len(first) == 2
+    assert (out / "model.pt2").read_bytes() == (tmp_path / "again" / "model.pt2").read_bytes()
+    lock = (out / "recipe.lock.yaml").read_text()
+    assert first["torch"] in lock and first["onnx"] in lock
+
+
+@pytest.mark.parametrize("require, msg", [
+    ({"sppedup": ">= 1"}, "unknown metric (did you mean 'speedup'?)"),
+    ({"fidelity.cosine_mean": "at least 0.9"}, "cannot parse 'at least 0.9'"),
+])
+def test_bad_requirements_fail_before_any_work(require, msg):
+    text = "version: 1\nrequire: " + json.dumps(require) + "\n"
+    with pytest.raises(RecipeError) as e:
+        parse_recipe(text, "r.yaml")
+    assert msg in str(e.value)
+
+
+def test_derived_gate_metrics(run, tmp_path):
+    from optcc.gates import check_requirements
+
+    _, out = run
+    report = json.loads((out / "report.json").read_text())
+    res = {q["metric"]: q for q in check_requirements(report, {
+        "param_bytes_ratio": "<= 1.0", "fidelity.top1_agreement": ">= 1", "task.accuracy_drop": "<= 1",
+        "latency.p90_ms": "<= 100000"})}
+    assert res["param_bytes_ratio"]["ok"] and res["param_bytes_ratio"]["value"] == 1.0
+    assert res["fidelity.top1_agreement"]["ok"]
+    assert res["latency.p90_ms"]["ok"]
+    assert not res["task.accuracy_drop"]["ok"] and res["task.accuracy_drop"]["note"] == "not measured in this run"
+
+
+def test_baseline_regression_fails_with_its_own_message(run, tmp_path):
+    _, out = run
+    previous = json.loads((out / "report.json").read_text())
+    previous["fidelity"]["cosine_mean"] = 1.5  # a previous run that was (impossibly) better
+    previous["latency"]["speedup"] = 0.0001  # and slower: only fidelity regressed
+    prev_path = tmp_path / "prev.json"
+    prev_path.write_text(json.dumps(previous))
+    with pytest.raises(RequirementError, match="regression vs .*fidelity.cosine_mean"):
+        apply(write_recipe(tmp_path, RECIPE), None, tmp_path / "o", baseline=prev_path)
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    reg = {r["metric"]: r for r in report["regressions"]}
+    assert reg["fidelity.cosine_mean"]["ok"] is False and reg["speedup"]["ok"] is True
+
+
+def test_baseline_same_run_passes(run, tmp_path):
+    _, out = run
+    report = json.loads((out / "report.json").read_text())
+    report["latency"]["speedup"] = 0.0001  # previous speedup tiny: any new speedup is no regression
+    (tmp_path / "prev.json").write_text(json.dumps(report))
+    r = apply(write_recipe(tmp_path, RECIPE), None, tmp_path / "o", baseline=tmp_path / "prev.json")
+    assert all(q["ok"] for q in r["regressions"])
+
+
+def test_bad_baseline_file(tmp_path):
+    (tmp_path / "x.json").write_text("{}")
+    with pytest.raises(RecipeError, match="not an optcc report"):
+        apply(write_recipe(tmp_path, RECIPE), None, tmp_path / "o", baseline=tmp_path / "x.json")
+
+
+def test_pass_records_and_diff_views(run):
+    _, out = run
+    report = json.loads((out / "report.json").read_text())
+    rec = report["passes"][0]
+    assert rec["blocks"] and all(b["removed"] > 0 for b in rec["blocks"])
+    assert (out / rec["graph_diff"]).read_text().count("-dropout") > 0
+    assert rec["latency_ms"] > 0 and report["captured"]["latency_ms"] > 0
+    assert (out / "waterfall.html").read_text().startswith("<!doctype html>")
+    p = optcc("diff", out)
+    assert p.returncode == 0 and "pass 1: cleanup" in p.stdout and "vit.layers.0" in p.stdout and "waterfall" in p.stdout
+    p = optcc("diff", out, "--graph", "--block", "vit.layers.1")
+    assert p.returncode == 0 and "-dropout" in p.stdout and "# vit.layers.0" not in p.stdout
+    p = optcc("diff", out, "--json", "--pass", "cleanup")
+    assert json.loads(p.stdout)[0]["name"] == "cleanup"
+    p = optcc("diff", out, out)
+    assert p.returncode == 0 and "two runs" in p.stdout
+    p = optcc("diff", out, "--pass", "quantize")
+    assert p.returncode == 2 and "no such pass" in p.stderr
