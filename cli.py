@@ -147,6 +147,36 @@ def inspect(
     _guard(debug, go)
 
 
+@app.command()
+def run(
+    artifact: Path = typer.Argument(..., help="model.onnx, model.pt2 or the output folder of a text-generation apply"),
+    prompt: Optional[str] = typer.Option(None, help="prompt text (byte-level models)"),
+    tokens: Optional[str] = typer.Option(None, help="prompt as comma-separated token ids"),
+    new_tokens: int = typer.Option(32, "--new-tokens", help="tokens to generate"),
+    as_json: bool = typer.Option(False, "--json", help="print tokens, text and timings as JSON"),
+    debug: bool = typer.Option(False, help="show tracebacks"),
+) -> None:
+    """Generate tokens greedily from a decoder artifact."""
+    from optcc.api import run_artifact
+    from optcc.errors import RecipeError
+
+    def go() -> None:
+        ids = None
+        if tokens is not None:
+            try:
+                ids = [int(t) for t in tokens.split(",") if t.strip()]
+            except ValueError as e:
+                raise RecipeError(f"--tokens {tokens!r}: not comma-separated integers", "e.g. --tokens 12,40,7") from e
+        res = run_artifact(artifact, prompt, ids, new_tokens)
+        if as_json:
+            typer.echo(json.dumps(res, indent=2))
+        else:
+            typer.echo(res.get("text", " ".join(map(str, res["tokens"]))))
+            typer.echo(f"prefill {res['prefill_ms']:.1f} ms, decode {res['decode_ms_per_token'] or 0:.2f} ms/token", err=True)
+
+    _guard(debug, go)
+
+
 @app.command("passes")
 def passes_cmd(as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
     """List the available passes with their parameters and defaults."""

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,7 +26,10 @@ from optcc.evaluate import compare, metric_for, run_metric, strip
 from optcc.context import PassContext
 from optcc.emit import emit_all
 from optcc.environment import environment
-from optcc.errors import RecipeError, RequirementError
+from optcc.decoder import CacheSpec, example_inputs, generate, no_guard_module, wrap
+from optcc.decoder import dynamic_shapes as decoder_shapes
+from optcc.errors import IntakeError, RecipeError, RequirementError
+from optcc.genbench import bench_generation, prompt_ids
 from optcc.intake import TOKEN_TASKS, LoadedModel, load_model, make_inputs
 from optcc.manager import run_passes
 from optcc.metrics import fidelity
@@ -51,6 +55,13 @@ class Prepared:
     reference: list[torch.Tensor]
     primary: int
     causal: Optional[bool]
+    cache: Optional[CacheSpec] = None  # set for text-generation: the graph has an explicit KV cache
+
+    def complete(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Data batches carry input_ids only; a decoder graph also takes its (empty) past."""
+        if self.cache is None or "past_key_0" in batch:
+            return batch
+        return {**batch, **self.cache.empty(next(iter(batch.values())).shape[0])}
 
 
 def prepare(source: str, task: Optional[str], weights: Optional[str], recipe: Recipe) -> Prepared:
@@ -58,7 +69,26 @@ def prepare(source: str, task: Optional[str], weights: Optional[str], recipe: Re
     inputs = make_inputs(lm, recipe.model.inputs)
     with torch.no_grad():
         out = lm.module(**inputs)
-    return Prepared(lm, inputs, flat_outputs(out), primary_index(out), probe_causal(lm, inputs, out))
+    causal = probe_causal(lm, inputs, out)
+    if lm.task != "text-generation":
+        return Prepared(lm, inputs, flat_outputs(out), primary_index(out), causal)
+    if causal is False:
+        raise IntakeError(f"{source}: task text-generation needs a causal model, but changing the last token "
+                          "changed earlier positions' outputs", "use --task feature-extraction for an encoder")
+    ids = inputs["input_ids"]
+    if ids.shape[1] < 3:
+        raise IntakeError(f"model.inputs.seq_len {ids.shape[1]} is too short for a decoder example",
+                          "use seq_len >= 3 (part becomes the cache, part the new tokens)")
+    limit = (getattr(getattr(lm.module, "config", None), "max_position_embeddings", None) or 1 << 30)
+    if ids.shape[1] + recipe.generate.new_tokens > limit:
+        raise RecipeError(f"prompt ({ids.shape[1]} tokens) + generate.new_tokens ({recipe.generate.new_tokens}) "
+                          f"exceeds the model's {limit} positions", "lower model.inputs.seq_len or generate.new_tokens")
+    wrapper, spec = wrap(lm.module, source)
+    lm.module = wrapper
+    example = example_inputs(wrapper, spec, ids, max(2, ids.shape[1] // 2))
+    with torch.no_grad():
+        out = wrapper(**example)
+    return Prepared(lm, example, flat_outputs(out), 0, causal, spec)
 
 
 def probe_causal(lm: LoadedModel, inputs: dict[str, torch.Tensor], out: Any) -> Optional[bool]:
@@ -82,9 +112,58 @@ def inspect_model(source: str, task: Optional[str] = None, weights: Optional[str
 
     recipe = recipe or parse_recipe("version: 1\n")
     prep = prepare(source, task, weights, recipe)
-    gm = capture(prep.lm.module, prep.inputs, recipe.model.dynamic).module()
+    with no_guard_module() if prep.cache else contextlib.nullcontext():
+        shapes = decoder_shapes(prep.cache) if prep.cache else None
+        gm = capture(prep.lm.module, prep.inputs, recipe.model.dynamic, shapes).module()
     ctx = PassContext(prep.lm.task, prep.inputs, prep.reference, prep.primary, prep.causal)
     return prep.lm, ctx.structure(gm)
+
+
+def run_artifact(artifact: str | Path, prompt: Optional[str] = None, tokens: Optional[list[int]] = None,
+                 new_tokens: int = 32) -> dict:
+    """Greedy generation from a decoder artifact (model.onnx or model.pt2 written by `apply`).
+    Byte-level models take a text prompt; others take token ids."""
+    from optcc.emit import load_onnx, load_torch
+
+    path = Path(artifact)
+    if path.is_dir():
+        path = next((path / n for n in ("model.onnx", "model.pt2") if (path / n).exists()), path / "model.onnx")
+    meta = path.parent / "decoder.json"
+    if not path.exists():
+        raise IntakeError(f"{path}: no such artifact", "pass model.onnx, model.pt2 or the output folder of `optcc apply`")
+    if not meta.exists():
+        raise IntakeError(f"{path.parent}: no decoder.json, so this is not a text-generation artifact",
+                          "run `optcc apply` with a text-generation model first")
+    spec = CacheSpec(**json.loads(meta.read_text()))
+    if new_tokens < 1:
+        raise RecipeError(f"--new-tokens {new_tokens}: must be >= 1", "ask for at least one token")
+    if tokens is None:
+        if prompt is None:
+            raise RecipeError("no prompt given", "pass --prompt TEXT (or --tokens for non-byte-level models)")
+        if not spec.byte_level:
+            raise RecipeError("this model is not byte-level, so a text prompt needs its tokenizer",
+                              "pass --tokens 1,2,3 with ids from the model's tokenizer")
+        from optcc.zoo.data import byte_encode
+
+        ids = byte_encode(prompt).unsqueeze(0)
+    else:
+        ids = torch.tensor([tokens], dtype=torch.long)
+    if ids.shape[1] == 0:
+        raise RecipeError("the prompt is empty", "give at least one token")
+    if spec.max_positions and ids.shape[1] + new_tokens > spec.max_positions:
+        raise RecipeError(f"prompt ({ids.shape[1]} tokens) + {new_tokens} new tokens exceeds the model's "
+                          f"{spec.max_positions} positions", "shorten the prompt or ask for fewer tokens")
+    with no_guard_module():
+        step = load_onnx(path) if path.suffix == ".onnx" else load_torch(path)
+        out, timing = generate(step, spec, ids, new_tokens)
+    result = {"artifact": str(path), "prompt_tokens": int(ids.shape[1]), "tokens": out[0].tolist(),
+              "prefill_ms": timing["prefill_s"] * 1e3,
+              "decode_ms_per_token": (sum(timing["decode_s"]) / len(timing["decode_s"]) * 1e3) if timing["decode_s"] else None}
+    if spec.byte_level:
+        from optcc.zoo.data import byte_decode
+
+        result["text"] = byte_decode(out[0])
+    return result
 
 
 def list_passes() -> list[dict]:
@@ -123,17 +202,27 @@ def apply(recipe_path: str | Path, model: Optional[str] = None, out: str | Path 
     out = Path(out)
     on_event("stage", name="load model")
     prep = prepare(source, task, weights, recipe)
+    with no_guard_module() if prep.cache else contextlib.nullcontext():
+        return _apply(recipe, recipe_path, source, prep, out, on_event, previous, baseline, tolerance, t_start)
+
+
+def _apply(recipe: Recipe, recipe_path, source: str, prep: Prepared, out: Path, on_event: Events,
+           previous: Optional[dict], baseline, tolerance: Optional[float], t_start: float) -> dict:
     lm = prep.lm
-    evalset = evaluation(lm, recipe, prep.inputs)
+    shapes = decoder_shapes(prep.cache) if prep.cache else None
+    evalset = evaluation(lm, recipe, _plain_ids(prep))
+    if evalset is not None:
+        evalset.batches = [prep.complete(b) for b in evalset.batches]
     base_metric = None
     if evalset is not None:
         on_event("stage", name=f"evaluate baseline ({evalset.source})")
         metric_for(evalset, recipe.evaluate.metric if recipe.evaluate else "auto")
         base_metric = run_metric(evalset, lambda b: flat_outputs(lm.module(**b)), prep.primary)
     on_event("stage", name="capture")
-    gm = capture(lm.module, prep.inputs, recipe.model.dynamic).module()
+    gm = capture(lm.module, prep.inputs, recipe.model.dynamic, shapes).module()
     ctx = PassContext(lm.task, prep.inputs, prep.reference, prep.primary, prep.causal,
-                      calibration=_cached(lambda: calibration(lm, recipe, prep.inputs)), progress=_progress(on_event))
+                      calibration=_cached(lambda: [prep.complete(b) for b in calibration(lm, recipe, _plain_ids(prep))]),
+                      progress=_progress(on_event))
     if recipe.bench.enabled:
         ctx.time_graph = lambda g: measure({"g": lambda: g(**prep.inputs)}, warmup=2, iters=5, min_seconds=0.3,
                                            items=1)["g"]["p50_ms"]
@@ -153,7 +242,10 @@ def apply(recipe_path: str | Path, model: Optional[str] = None, out: str | Path 
         on_event("stage", name="emit")
         threads = torch.get_num_threads()
         artifacts = emit_all(gm, prep.inputs, recipe.emit.formats, recipe.emit.opset, tmp, prep.primary,
-                             recipe.emit.atol, recipe.model.dynamic, threads)
+                             recipe.emit.atol, recipe.model.dynamic, threads, shapes,
+                             prep.cache.output_names() if prep.cache else None)
+        if prep.cache:
+            (tmp / "decoder.json").write_text(json.dumps(prep.cache.to_dict(), indent=2) + "\n")
         fid_by = {a.format: fidelity(prep.reference[prep.primary], a.runner(prep.inputs)[prep.primary],
                                      logits=lm.task != "feature-extraction")
                   for a in artifacts}
@@ -167,10 +259,13 @@ def apply(recipe_path: str | Path, model: Optional[str] = None, out: str | Path 
             task_metric = {"metric": base_metric["metric"], "source": evalset.source, "samples": evalset.samples,
                            "baseline": base_metric["value"], "optimized": by[worst_fmt]["value"],
                            "delta": by[worst_fmt]["delta"], "by_artifact": by}
-        latency = None
+        latency = generation = None
         if recipe.bench.enabled:
             on_event("stage", name="bench")
             latency = _bench(lm, prep, artifacts, recipe)
+            if prep.cache:
+                on_event("stage", name="bench generation")
+                generation = _bench_generation(lm, prep, artifacts, recipe, evalset)
         report = {
             "optcc_report": 1,
             "recipe": {"path": str(recipe_path), "resolved": recipe.to_dict()},
@@ -181,6 +276,8 @@ def apply(recipe_path: str | Path, model: Optional[str] = None, out: str | Path 
             "latency": latency,
             "fidelity": {**worst, "by_artifact": fid_by},
             "task_metric": task_metric,
+            "generation": generation,
+            "greedy_match": generation["greedy_match"] if generation else None,
             "captured": captured,
             "passes": records,
             "artifacts": [a.to_dict(tmp) for a in artifacts],
@@ -261,6 +358,28 @@ def _bench(lm: LoadedModel, prep: Prepared, artifacts, recipe: Recipe) -> dict:
         "best": res[best] if best else None,
         "threads": torch.get_num_threads(),
     }
+
+
+def _plain_ids(prep: Prepared) -> dict[str, torch.Tensor]:
+    """Example inputs without the cache: what data sources shape their batches after."""
+    return {k: v for k, v in prep.inputs.items() if not k.startswith("past_")}
+
+
+def _bench_generation(lm: LoadedModel, prep: Prepared, artifacts, recipe: Recipe, evalset) -> dict:
+    spec, g = prep.cache, recipe.generate
+    text = None
+    if spec.byte_level and lm.zoo:
+        from optcc.zoo.data import load_text_split
+
+        text = load_text_split(lm.zoo, "eval")
+    prompt = prompt_ids(spec, text, prep.inputs["input_ids"].shape[1] + prep.inputs["past_key_0"].shape[2], g.batch)
+    steps = {"baseline": lambda b: flat_outputs(lm.module(**b))}
+    by_format = {a.format: a for a in artifacts}
+    for backend in recipe.bench.backends:
+        fmt = "torch" if backend == "torch" else "onnx"
+        if fmt in by_format:
+            steps[backend] = by_format[fmt].runner
+    return bench_generation(steps, spec, prompt, g.new_tokens, g.rounds)
 
 
 def _replace_dir(new: Path, out: Path) -> None:

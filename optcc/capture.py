@@ -28,11 +28,12 @@ def dynamic_shapes(inputs: dict[str, torch.Tensor]) -> dict[str, dict[int, Any]]
     return out
 
 
-def capture(module: torch.nn.Module, inputs: dict[str, torch.Tensor], dynamic: bool = True) -> torch.export.ExportedProgram:
+def capture(module: torch.nn.Module, inputs: dict[str, torch.Tensor], dynamic: bool = True,
+            shapes: dict | None = None) -> torch.export.ExportedProgram:
     """torch.export (non-strict) of `module(**inputs)`; falls back to static shapes if
-    dynamic export fails."""
+    dynamic export fails. `shapes` overrides the default dynamic dimensions."""
     errors = []
-    for dyn in ([dynamic_shapes(inputs)] if dynamic else []) + [None]:
+    for dyn in ([shapes or dynamic_shapes(inputs)] if dynamic else []) + [None]:
         try:
             with torch.no_grad():
                 return torch.export.export(module, (), dict(inputs), dynamic_shapes=dyn, strict=False)

@@ -81,9 +81,10 @@ def register_onnx_translation(op: Callable, fn: Callable) -> None:
     ONNX_TRANSLATIONS[op] = fn
 
 
-def export_program(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], dynamic: bool) -> torch.export.ExportedProgram:
+def export_program(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], dynamic: bool,
+                   shapes: dict | None = None) -> torch.export.ExportedProgram:
     """Re-export the edited graph so it can be saved."""
-    return capture(gm, inputs, dynamic)
+    return capture(gm, inputs, dynamic, shapes)
 
 
 def emit_torch(ep: torch.export.ExportedProgram, out: Path) -> Path:
@@ -145,7 +146,8 @@ def load_torch(path: Path) -> Callable[[dict[str, torch.Tensor]], list[torch.Ten
     return run
 
 
-def emit_onnx(ep: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor], out: Path, opset: int) -> Path:
+def emit_onnx(ep: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor], out: Path, opset: int,
+              output_names: list[str] | None = None) -> Path:
     path = out / "model.onnx"
     large = sum(p.numel() * p.element_size() for p in ep.state_dict.values()) > 1_500_000_000
     try:
@@ -153,6 +155,8 @@ def emit_onnx(ep: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor],
             prog = torch.onnx.export(ep, (), kwargs=dict(inputs), dynamo=True, opset_version=opset,
                                      external_data=large, optimize=True, verbose=False,
                                      custom_translation_table=dict(ONNX_TRANSLATIONS) or None)
+            for value, name in zip(prog.model.graph.outputs, output_names or []):
+                value.name = name  # e.g. logits, present_key_0, ... for decoders
             prog.save(str(path), external_data=large)
     except Exception as e:
         raise ExportError(f"ONNX export failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
@@ -203,17 +207,18 @@ def verify(runner, inputs: dict[str, torch.Tensor], expected: list[torch.Tensor]
 
 
 def emit_all(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], formats: tuple[str, ...], opset: int,
-             out: Path, primary: int, atol: float, dynamic: bool, threads: int | None = None) -> list[Artifact]:
+             out: Path, primary: int, atol: float, dynamic: bool, threads: int | None = None,
+             shapes: dict | None = None, output_names: list[str] | None = None) -> list[Artifact]:
     with torch.no_grad():
         expected = flat_outputs(gm(**inputs))
-    ep = export_program(gm, inputs, dynamic)
+    ep = export_program(gm, inputs, dynamic, shapes)
     artifacts = []
     for fmt in formats:
         if fmt == "torch":
             path = emit_torch(ep, out)
             runner = load_torch(path)
         else:
-            path = emit_onnx(ep, inputs, out, opset)
+            path = emit_onnx(ep, inputs, out, opset, output_names)
             runner = load_onnx(path, threads)
         check = verify(runner, inputs, expected, primary, path.name, atol)
         artifacts.append(Artifact(fmt, path, runner, check))

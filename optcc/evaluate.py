@@ -29,6 +29,11 @@ def metric_for(ds: Dataset, requested: str = "auto") -> str:
 
 def run_metric(ds: Dataset, run: Runner, primary: int) -> dict:
     """{"metric", "value"} (+ "embeddings" for sentence sets, used by compare())."""
+    with torch.no_grad():
+        return _run_metric(ds, run, primary)
+
+
+def _run_metric(ds: Dataset, run: Runner, primary: int) -> dict:
     metric = METRIC_OF_KIND[ds.kind]
     if metric == "accuracy":
         correct = total = 0

@@ -88,6 +88,23 @@ class Bench:
 
 
 @dataclass(frozen=True)
+class Generate:
+    """Generation benchmark for text-generation models (prefill + greedy decode with the KV cache)."""
+
+    new_tokens: int = field(16, help="tokens generated after the prompt (the prompt is model.inputs.seq_len tokens)")
+    batch: int = field(1, help="sequences generated at once")
+    rounds: int = field(3, help="timed generations per contender (after one warm-up)")
+
+    def __post_init__(self) -> None:
+        if self.new_tokens < 1:
+            raise ValueError(f"new_tokens must be >= 1, got {self.new_tokens}")
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, got {self.batch}")
+        if self.rounds < 1:
+            raise ValueError(f"rounds must be >= 1, got {self.rounds}")
+
+
+@dataclass(frozen=True)
 class PassStep:
     name: str
     config: Any
@@ -104,6 +121,7 @@ class Recipe:
     emit: Emit
     bench: Bench
     require: dict[str, str]
+    generate: Generate = Generate()
     path: str = ""
 
     def to_dict(self) -> dict:
@@ -115,6 +133,7 @@ class Recipe:
             "passes": [{s.name: to_dict(s.config)} for s in self.passes],
             "emit": to_dict(self.emit),
             "bench": to_dict(self.bench),
+            "generate": to_dict(self.generate),
             "require": dict(self.require),
         }
         return d
@@ -128,6 +147,7 @@ _SECTIONS = {
     "passes": None,
     "emit": Emit,
     "bench": Bench,
+    "generate": Generate,
     "require": None,
 }
 
@@ -186,6 +206,7 @@ def parse_recipe(text: str, filename: str = "<recipe>") -> Recipe:
         passes=passes,
         emit=section("emit", Emit),
         bench=section("bench", Bench),
+        generate=section("generate", Generate),
         require=require,
         path=filename,
     )
@@ -249,6 +270,7 @@ def recipe_json_schema() -> dict:
             "passes": {"type": "array", "items": {"anyOf": pass_items}},
             "emit": json_schema(Emit),
             "bench": json_schema(Bench),
+            "generate": json_schema(Generate),
             "require": {"type": "object", "propertyNames": {"enum": sorted(METRICS)}, "additionalProperties": {"type": "string", "pattern": EXPR.pattern},
                         "description": "CI gates: metric -> comparison, e.g. speedup: '>= 1.5'"},
         },

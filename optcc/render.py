@@ -95,6 +95,8 @@ def structure_tree(name: str, task: str, s: Structure) -> Tree:
             heads = f"{a.num_heads} heads / {a.num_kv_heads} kv, head_dim {a.head_dim}"
             flags = ", ".join(x for x in ("rotary" if a.rotary else "", "fused qkv" if a.fused_qkv else "") if x)
             an = node.add(f"attention {a.path} [{a.kind}] {heads}" + (f" ({flags})" if flags else ""))
+            if a.cache:
+                an.add(f"kv cache slot {a.cache['slot']}: {a.cache.get('key')}, {a.cache.get('value')}")
             for role in ("q", "k", "v", "o"):
                 path = getattr(a, role)
                 li = s.linear(path) if path else None

@@ -46,6 +46,7 @@ class Attention:
     num_heads: Optional[int] = None
     num_kv_heads: Optional[int] = None
     head_dim: Optional[int] = None
+    cache: Optional[dict] = None  # decoder graphs: {"key": past input, "value": past input, "slot": cache index}
 
 
 @dataclass
@@ -179,6 +180,7 @@ def analyze(gm: fx.GraphModule) -> Structure:
         blk = _analyze_block(gm, idx, path, members, linears, order)
         if blk is not None:
             blocks.append(blk)
+    _map_cache(gm, blocks)
     embeddings, final_norms, head = _outside(nodes, blocks, linears, order, gm)
     causal_flags = {b.attention.causal for b in blocks if b.attention and b.attention.causal is not None}
     causal = causal_flags.pop() if len(causal_flags) == 1 else None
@@ -223,7 +225,10 @@ def _analyze_block(gm, idx, path, members, linears, order) -> Optional[Block]:
     output = max(outs, key=lambda n: order[n])
     out_shape = _shape(output)
     ext_inputs = [a for n in members for a in n.all_input_nodes if a not in member_set and a.op != "get_attr"]
-    cands = [a for a in ext_inputs if _shape(a) == out_shape and _val(a) is not None and _val(a).is_floating_point()]
+    floats = [a for a in ext_inputs if isinstance(_val(a), torch.Tensor) and _val(a).is_floating_point()]
+    cands = [a for a in floats if _shape(a) == out_shape]
+    if not cands and out_shape and len(out_shape) == 3:  # a block that merges tokens (token_merge) changes dim 1
+        cands = [a for a in floats if _shape(a) and len(_shape(a)) == 3 and _shape(a)[::2] == out_shape[::2]]
     if not cands:
         return None
     inp = max(cands, key=lambda n: order[n])
@@ -361,6 +366,23 @@ def _find_attention(gm, members, member_set, linears, order) -> Optional[Attenti
         causal = True if is_causal else None
     return Attention(path, kind, node.name, q and q.path, k and k.path, v and v.path, o and o.path, fused,
                      rotary, causal, num_heads, num_kv, head_dim)
+
+
+_PAST = re.compile(r"^past_(key|value)_(\d+)$")
+
+
+def _map_cache(gm: fx.GraphModule, blocks: list[Block]) -> None:
+    """Attach explicit KV-cache inputs (past_key_i / past_value_i, see optcc/decoder.py) to
+    the attention that reads them; the matching outputs are present_key_i / present_value_i."""
+    by_node = {b.attention.node: b.attention for b in blocks if b.attention}
+    for ph in gm.graph.nodes:
+        m = _PAST.match(ph.name) if ph.op == "placeholder" else None
+        if not m:
+            continue
+        reach = _walk([ph], _consumers, lambda n: n.target in SDPA or n.target in SOFTMAX)
+        attn = next((by_node[n.name] for n in reach if n.name in by_node), None)
+        if attn is not None:
+            attn.cache = {**(attn.cache or {}), m.group(1): ph.name, "slot": int(m.group(2))}
 
 
 def _outside(nodes, blocks, linears, order, gm):
