@@ -288,6 +288,8 @@ def make_inputs(lm: LoadedModel, inputs: Inputs, seed: int = 0) -> dict[str, tor
         out = {key: torch.randint(0, vocab, (inputs.batch, inputs.seq_len), generator=g)}
         if "attention_mask" in names and lm.task != "text-generation":
             out["attention_mask"] = torch.ones(inputs.batch, inputs.seq_len, dtype=torch.long)
+        if "token_type_ids" in names and lm.task != "text-generation":  # what BERT-family tokenizers return
+            out["token_type_ids"] = torch.zeros(inputs.batch, inputs.seq_len, dtype=torch.long)
         return out
     raise IntakeError(f"{lm.source}: task '{lm.task}' needs explicit input shapes",
                       "set model.inputs.tensors: {name: [shape]} in the recipe")

@@ -61,7 +61,7 @@ class Calibration:
 
 @dataclass(frozen=True)
 class Evaluate:
-    source: str = field("auto", help="auto (built-in held-out set of a built-in model) | builtin:NAME | text-file:PATH | image-folder:PATH | jsonl:PATH")
+    source: str = field("auto", help="auto (the held-out set of a built-in model) | builtin:NAME | text-file:PATH | jsonl:PATH | safetensors:PATH")
     metric: str = field("auto", help="auto | accuracy | perplexity | embedding")
     samples: int = field(256, help="maximum number of evaluation samples")
 

@@ -1,0 +1,150 @@
+"""Contenders and measurement shared by the workloads.
+
+A contender is a name plus a zero-argument callable over fixed inputs; all of a
+workload's contenders are timed together by optcc.bench.measure (round-robin,
+same inputs and threads, warm-up discarded, iteration and time floors).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from optcc.bench import measure
+from optcc.capture import flat_outputs
+from optcc.stats import flops
+
+
+@dataclass
+class Contender:
+    name: str
+    run: Callable[[dict], list[torch.Tensor]]  # inputs → flat outputs
+    note: str = ""
+    quality: dict = field(default_factory=dict)
+
+
+def matmul_peak_gflops(threads: int, n: int = 1024, seconds: float = 1.0) -> float:
+    """Measured fp32 GEMM throughput: the practical ceiling on this CPU and thread count."""
+    torch.set_num_threads(threads)
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    for _ in range(3):
+        a @ b
+    count, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        count += 1
+    return 2 * n ** 3 * count / (time.perf_counter() - t0) / 1e9
+
+
+def eager(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> Callable[[dict], list[torch.Tensor]]:
+    m = model if dtype == torch.float32 else _cast(model, dtype)
+
+    def run(inputs: dict) -> list[torch.Tensor]:
+        with torch.no_grad():
+            out = flat_outputs(m(**inputs))
+        return [o.float() for o in out]
+
+    return run
+
+
+def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(model).to(dtype)
+
+
+def compiled(model: torch.nn.Module, inputs: dict) -> Optional[Callable[[dict], list[torch.Tensor]]]:
+    try:
+        c = torch.compile(model, dynamic=False)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            c(**inputs)
+    except Exception as e:  # inductor needs a C++ compiler; report and skip
+        print(f"  torch.compile unavailable: {type(e).__name__}: {str(e)[:120]}")
+        return None
+
+    def run(x: dict) -> list[torch.Tensor]:
+        with torch.no_grad():
+            return flat_outputs(c(**x))
+
+    return run
+
+
+def torch_dynamic_int8(model: torch.nn.Module) -> Optional[Callable[[dict], list[torch.Tensor]]]:
+    try:
+        from torch.ao.quantization import quantize_dynamic
+
+        q = quantize_dynamic(_cast(model, torch.float32), {torch.nn.Linear}, dtype=torch.qint8)
+    except Exception as e:
+        print(f"  torch.ao dynamic int8 unavailable: {e}")
+        return None
+    return eager(q)
+
+
+def plain_onnx(model: torch.nn.Module, inputs: dict, folder: Path, quantize: bool, threads: int):
+    """What a user gets without optcc: torch.onnx.export (dynamo) of the eager model, optionally
+    through onnxruntime.quantization.quantize_dynamic (the path Optimum's ORTQuantizer takes)."""
+    from optcc.emit import load_onnx
+
+    path = folder / "plain.onnx"
+    if not path.exists():
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ep = torch.export.export(model, (), dict(inputs), strict=False)
+            torch.onnx.export(ep, (), kwargs=dict(inputs), dynamo=True, optimize=True).save(str(path))
+    if not quantize:
+        return load_onnx(path, threads)
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    qpath = folder / "plain.int8.onnx"
+    if not qpath.exists():
+        quantize_dynamic(str(path), str(qpath), weight_type=QuantType.QInt8)
+    return load_onnx(qpath, threads)
+
+
+def optcc_artifacts(recipe: Path, model: Optional[str], folder: Path, threads: int,
+                    inputs: Optional[dict] = None) -> dict:
+    """Run an optcc recipe (bench off: timing happens here, with everyone else; model.inputs
+    overridden to the workload's shape) and load its artifacts."""
+    import yaml
+
+    from optcc.api import apply
+    from optcc.emit import load_onnx, load_torch
+
+    data = yaml.safe_load(recipe.read_text())
+    data["bench"] = {"enabled": False}
+    data.pop("require", None)
+    data.pop("evaluate", None)  # quality is measured by the workload itself, on every contender alike
+    if inputs:
+        data.setdefault("model", {})["inputs"] = {**data.get("model", {}).get("inputs", {}), **inputs}
+    tmp_recipe = folder / f"{recipe.stem}.yaml"
+    tmp_recipe.write_text(yaml.safe_dump(data, sort_keys=False))
+    out = folder / f"optcc-{recipe.stem}"
+    report = apply(tmp_recipe, model, out)
+    runners = {}
+    for a in report["artifacts"]:
+        p = Path(a["path"])
+        runners[a["format"]] = load_onnx(p, threads) if a["format"] == "onnx" else load_torch(p)
+    return {"runners": runners, "report": report}
+
+
+def time_all(contenders: list[Contender], inputs: dict, quick: bool, items: int) -> dict[str, dict]:
+    fns = {c.name: (lambda c=c: c.run(inputs)) for c in contenders}
+    if quick:
+        return measure(fns, warmup=1, iters=2, min_seconds=0.0, items=items)
+    return measure(fns, warmup=3, iters=10, min_seconds=3.0, items=items, max_seconds=600)
+
+
+def count_flops(model: torch.nn.Module, inputs: dict) -> int:
+    return flops(model, inputs)
+
+
+def workdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="optcc-bench-"))

@@ -1,0 +1,232 @@
+"""W1–W3: optcc against what users would pick instead, side by side in one process.
+
+    python -m benchmarks            # full run (manual; tens of minutes on 2 cores)
+    python -m benchmarks --quick    # smoke run: tiny shapes, no speed claims (CI runs this)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import socket
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from benchmarks import harness as H
+from optcc.environment import environment
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _sentence_batches(lm, batch: int, seq: int, limit: int):
+    from optcc.data import SENTENCES, _sentence_batches
+
+    ex = {"input_ids": torch.zeros(batch, seq, dtype=torch.long), "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
+    if "token_type_ids" in lm.param_names:
+        ex["token_type_ids"] = torch.zeros(batch, seq, dtype=torch.long)
+    return _sentence_batches("builtin:sentences", SENTENCES, lm, ex, batch, limit)
+
+
+def _embed(run, ds) -> torch.Tensor:
+    from optcc.metrics import mean_pool
+
+    return torch.cat([mean_pool(run(b)[0].float(), b["attention_mask"]) for b in ds.batches])
+
+
+def w1(quick: bool, threads: int, work: Path, recipes: list[Path]) -> list[dict]:
+    """Sentence embeddings with the real all-MiniLM-L6-v2."""
+    from optcc.intake import load_model
+    from optcc.metrics import neighbour_agreement
+
+    try:
+        lm = load_model("builtin:minilm")
+    except Exception as e:
+        return [{"workload": "W1", "skipped": str(e)}]
+    rows = []
+    for batch, seq in ([(2, 16)] if quick else [(8, 128), (1, 32)]):
+        ds = _sentence_batches(lm, batch, seq, 16 if quick else 312)
+        inputs = ds.batches[0]
+        folder = work / f"w1-{batch}x{seq}"
+        folder.mkdir()
+        cs = _standard_contenders(lm.module, inputs, folder, threads, quick)
+        for rec in recipes:
+            cs += _optcc_contenders(rec, "builtin:minilm", {"batch": batch, "seq_len": seq}, folder, threads)
+        ref = _embed(cs[0].run, ds)
+        for c in cs:
+            emb = _embed(c.run, ds)
+            cos = torch.nn.functional.cosine_similarity(ref, emb, dim=-1)
+            c.quality = {"embedding_cosine_mean": float(cos.mean()), "nn_agreement": neighbour_agreement(ref, emb)}
+        rows += _table("W1", f"MiniLM-L6 batch {batch} x {seq}", cs, inputs, lm.module, quick, batch)
+    return rows
+
+
+def w2(quick: bool, threads: int, work: Path, recipes: list[Path]) -> list[dict]:
+    """Image classification: ViT-B/16 @224 (random weights, speed) and the reference ViT (accuracy)."""
+    from optcc.intake import load_model, make_inputs
+    from optcc.recipe import Inputs
+
+    rows = []
+    for source, batch, label in ([("builtin:tiny-vit", 2, "tiny ViT (quick)")] if quick else
+                                 [("builtin:vit-b16", 4, "ViT-B/16 @224 batch 4 (random weights)"),
+                                  ("builtin:vit-digits", 64, "reference ViT (digits) batch 64")]):
+        lm = load_model(source)
+        inputs = make_inputs(lm, Inputs(batch=batch))
+        folder = work / f"w2-{lm.name}"
+        folder.mkdir()
+        cs = _standard_contenders(lm.module, inputs, folder, threads, quick)
+        for rec in recipes:
+            cs += _optcc_contenders(rec, source, {"batch": batch}, folder, threads)
+        if lm.zoo:
+            from optcc.zoo.data import load_digits_split
+
+            pixels, labels = load_digits_split(lm.zoo, "eval")
+            n = (len(labels) // batch) * batch
+            for c in cs:
+                correct = sum(int((c.run({"pixel_values": pixels[i:i + batch]})[0].argmax(-1) == labels[i:i + batch]).sum())
+                              for i in range(0, n, batch))
+                c.quality = {"top1_accuracy": correct / n}
+        rows += _table("W2", label, cs, inputs, lm.module, quick, batch)
+    return rows
+
+
+def w3(quick: bool, threads: int, work: Path, recipes: list[Path]) -> list[dict]:
+    """Generation: Llama-style ~100M config, prompt 512, 128 new tokens (or a tiny smoke config)."""
+    from optcc.api import prepare
+    from optcc.decoder import no_guard_module
+    from optcc.emit import emit_all
+    from optcc.genbench import bench_generation, prompt_ids
+    from optcc.capture import capture, flat_outputs
+    from optcc.recipe import parse_recipe
+
+    source = "builtin:tiny-llama" if quick else "builtin:llama-100m"
+    prompt_len, new = (8, 4) if quick else (512, 128)
+    recipe = parse_recipe(f"version: 1\nmodel: {{inputs: {{batch: 1, seq_len: 16}}}}\ngenerate: {{new_tokens: {new}}}\n")
+    prep = prepare(source, None, None, recipe)
+    steps = {"baseline": lambda b: flat_outputs(prep.lm.module(**b))}
+    folder = work / "w3"
+    folder.mkdir()
+    with no_guard_module():
+        from optcc.decoder import dynamic_shapes
+
+        gm = capture(prep.lm.module, prep.inputs, True, dynamic_shapes(prep.cache)).module()
+        plain = emit_all(gm, prep.inputs, ("onnx",), 18, folder, 0, 1e-3, True, threads,
+                         dynamic_shapes(prep.cache), prep.cache.output_names())[0]
+        steps["plain ONNX export (Optimum cache layout)"] = plain.runner
+        for rec in recipes:
+            art = H.optcc_artifacts(rec, source, folder, threads, {"batch": 1, "seq_len": 16})
+            for fmt, run in art["runners"].items():
+                steps[f"optcc {rec.stem} ({fmt})"] = run
+        prompt = prompt_ids(prep.cache, None, prompt_len, 1)
+        res = bench_generation(steps, prep.cache, prompt, new, 1 if quick else 2)
+    rows = []
+    params = sum(p.numel() for p in prep.lm.module.parameters())
+    for name, v in [("torch eager fp32 (HF cache)", res["baseline"])] + list(res["optimized"].items()):
+        rows.append({"workload": "W3", "case": f"{source} ({params / 1e6:.1f}M params) prompt {prompt_len}, {new} new tokens",
+                     "contender": name, "ttft_ms": v["ttft_ms"], "decode_tokens_per_s": v["decode_tokens_per_s"],
+                     "kv_bytes_per_token": v["kv_bytes_per_token"],
+                     "greedy_match": res["greedy_match_by_backend"].get(name, True)})
+    return rows
+
+
+def _standard_contenders(model, inputs, folder: Path, threads: int, quick: bool) -> list[H.Contender]:
+    cs = [H.Contender("torch eager fp32", H.eager(model)), H.Contender("torch eager bf16", H.eager(model, torch.bfloat16))]
+    if not quick:
+        comp = H.compiled(model, inputs)
+        if comp:
+            cs.append(H.Contender("torch.compile fp32", comp))
+    q = H.torch_dynamic_int8(model)
+    if q:
+        cs.append(H.Contender("torch.ao dynamic int8", q))
+    cs.append(H.Contender("onnxruntime fp32 (plain export)", H.plain_onnx(model, inputs, folder, False, threads)))
+    cs.append(H.Contender("onnxruntime quantize_dynamic int8 (plain export)", H.plain_onnx(model, inputs, folder, True, threads)))
+    return cs
+
+
+def _optcc_contenders(recipe: Path, source: str, shape: dict, folder: Path, threads: int) -> list[H.Contender]:
+    try:
+        art = H.optcc_artifacts(recipe, source, folder, threads, shape)
+    except Exception as e:
+        print(f"  optcc {recipe.name} on {source}: {e}")
+        return []
+    names = {"onnx": "onnxruntime", "torch": "torch .pt2"}
+    return [H.Contender(f"optcc {recipe.stem} ({names[f]})", run) for f, run in art["runners"].items()]
+
+
+def _table(workload: str, case: str, cs: list[H.Contender], inputs: dict, model, quick: bool, items: int) -> list[dict]:
+    timing = H.time_all(cs, inputs, quick, items)
+    fl = H.count_flops(model, inputs)
+    base = timing[cs[0].name]["p50_ms"]
+    rows = []
+    for c in cs:
+        t = timing[c.name]
+        rows.append({"workload": workload, "case": case, "contender": c.name, "p50_ms": t["p50_ms"], "p90_ms": t["p90_ms"],
+                     "iters": t["iters"], "speedup_vs_fp32": base / t["p50_ms"],
+                     "gflops_per_s": fl / (t["p50_ms"] / 1e3) / 1e9, **c.quality})
+    return rows
+
+
+def render(rows: list[dict], env: dict, peak: float, quick: bool) -> str:
+    lines = [f"# optcc benchmarks {'(quick smoke run: shapes are tiny, numbers mean nothing)' if quick else ''}", "",
+             f"- date: {env['date']}, machine: {env['machine']}, CPU: {env['cpu']}, threads: {env['threads']}",
+             f"- torch {env['torch']}, onnxruntime {env['onnxruntime']}, transformers {env['transformers']}, optcc {env['optcc']}",
+             f"- measured fp32 GEMM peak on this machine/threads: {peak:.1f} GFLOP/s (1024³ matmul)",
+             "- method: every contender of a case is timed round-robin in one process on the same inputs and threads "
+             "(warm-up discarded, ≥10 calls and ≥3 s each); p50 and p90 in ms; speedup on p50 vs torch eager fp32.", ""]
+    cases: dict[str, list[dict]] = {}
+    for r in rows:
+        cases.setdefault(f"{r['workload']}: {r.get('case', '')}", []).append(r)
+    for case, rs in cases.items():
+        lines += [f"## {case}", ""]
+        if "skipped" in rs[0]:
+            lines += [f"skipped: {rs[0]['skipped']}", ""]
+            continue
+        keys = [k for k in rs[0] if k not in ("workload", "case")]
+        lines.append("| " + " | ".join(keys) + " |")
+        lines.append("|" + "---|" * len(keys))
+        for r in rs:
+            lines.append("| " + " | ".join(_cell(r.get(k)) for k in keys) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "—" if v is None else str(v)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks")
+    ap.add_argument("--quick", action="store_true", help="smoke run with tiny shapes")
+    ap.add_argument("--only", default="W1,W2,W3", help="comma-separated workloads")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--recipes", default="", help="comma-separated optcc recipes to include per workload, e.g. W1=recipes/quantize-int8.yaml")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    per_workload: dict[str, list[Path]] = {"W1": [], "W2": [], "W3": []}
+    for item in filter(None, args.recipes.split(",")):
+        w, _, path = item.partition("=")
+        per_workload[w.strip()].append(ROOT / path.strip())
+    work = H.workdir()
+    env = {**environment(), "date": datetime.date.today().isoformat(), "machine": socket.gethostname() or platform.node(),
+           "threads": args.threads}
+    peak = H.matmul_peak_gflops(args.threads, 256 if args.quick else 1024, 0.2 if args.quick else 1.0)
+    rows = []
+    for name, fn in (("W1", w1), ("W2", w2), ("W3", w3)):
+        if name in args.only.split(","):
+            print(f"{name} ...", flush=True)
+            rows += fn(args.quick, args.threads, work, per_workload[name])
+    for r in rows:
+        if "gflops_per_s" in r:
+            r["fraction_of_gemm_peak"] = r["gflops_per_s"] / peak
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{env['date']}-{'quick' if args.quick else 'full'}-{env['machine'][:24]}"
+    (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "gemm_peak_gflops": peak, "rows": rows}, indent=2))
+    md = render(rows, env, peak, args.quick)
+    (args.out / f"{stem}.md").write_text(md)
+    print(md)
