@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -16,6 +17,9 @@ from typing import Any, Literal, Union, get_args, get_origin
 import yaml
 
 from optcc.errors import RecipeError
+
+
+_EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 
 
 class Located:
@@ -129,6 +133,9 @@ def _convert(loc: Located, tp: Any, path: str, ctx: _Ctx) -> Any:
                 return _convert(loc, arg, path, ctx)
             except RecipeError as e:
                 errors.append(e)
+        others = [a for a in args if a is not type(None)]
+        if len(others) == 1 and dataclasses.is_dataclass(others[0]) and isinstance(value, dict):
+            raise errors[0]  # an optional nested config: its own message names the bad key
         raise ctx.fail(path, line, f"expected {_type_name(tp)}, got {_describe(value)}", "see `optcc passes` or docs/recipe.md for the allowed forms")
     if origin is Literal:
         allowed = get_args(tp)
@@ -155,6 +162,8 @@ def _convert(loc: Located, tp: Any, path: str, ctx: _Ctx) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _EXPONENT.match(value):  # YAML 1.1 reads 1e-4 (no dot) as a string
             return float(value)
     elif tp is str:
         if isinstance(value, str):

@@ -25,9 +25,19 @@ def param_stats(gm: fx.GraphModule) -> tuple[int, int]:
     return count, nbytes
 
 
+def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+    """q·kᵀ and p·v: 2·B·H·Tq·Tk·D each (torch's counter has no formula for the CPU kernel)."""
+    b, h, tq, d = query_shape
+    tk, dv = key_shape[-2], value_shape[-1]
+    return 2 * b * h * tq * tk * d + 2 * b * h * tq * tk * dv
+
+
+_CUSTOM = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_cpu_flops}
+
+
 def flops(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> int:
     """FLOPs of one call, counted from the ATen ops that actually run."""
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_CUSTOM)
     with torch.no_grad(), counter:
         module(**inputs)
     return int(counter.get_total_flops())
@@ -43,10 +53,22 @@ def graph_stats(gm: fx.GraphModule, inputs: dict[str, torch.Tensor]) -> dict:
     }
 
 
+# At inference these have no effect worth keeping a dead value alive for: torch counts
+# sdpa and dropout as random ops, and export's metadata asserts pin their inputs.
+_PURE_AT_INFERENCE = {torch.ops.aten.scaled_dot_product_attention.default, torch.ops.aten.dropout.default,
+                      torch.ops.aten._assert_tensor_metadata.default}
+
+
+def _is_impure(n: fx.Node) -> bool:
+    if n.op == "call_function" and n.target in _PURE_AT_INFERENCE:
+        return False
+    return n.is_impure(impure_random=False)
+
+
 def prune_unused(gm: fx.GraphModule) -> None:
     """Dead-code elimination, then drop parameters/buffers no get_attr reads any more
     (so removed layers' weights really leave the artifact)."""
-    gm.graph.eliminate_dead_code()
+    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
     used = used_attrs(gm)
     for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
         if name in used:
