@@ -1,3 +1,4 @@
 """optcc's graph passes, one per file. Each module registers itself on import;
 this list is the single place that says which passes exist."""
 from optcc.passes import cleanup  # noqa: F401
+from optcc.passes import layer_skip  # noqa: F401
