@@ -26,3 +26,9 @@ def __getattr__(name: str):
 
         return getattr(api, name)
     raise AttributeError(name)
+
+
+# Quantized models saved as model.pt2 call optcc:: custom ops (optcc/qops.py); they must
+# be registered before torch.export.load reads such a file, in any process. That needs
+# torch, so `import optcc` imports it here.
+from optcc import qops as _qops  # noqa: E402,F401

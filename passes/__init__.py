@@ -3,3 +3,4 @@ this list is the single place that says which passes exist."""
 from optcc.passes import cleanup  # noqa: F401
 from optcc.passes import layer_skip  # noqa: F401
 from optcc.passes import token_merge  # noqa: F401
+from optcc.passes import quantize  # noqa: F401

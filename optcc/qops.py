@@ -1,0 +1,174 @@
+"""Quantized linear ops as torch.library custom ops, each with an ONNX translation.
+
+Registered on `import optcc` so a saved model.pt2 that contains them re-loads in
+any process that imported optcc. Weight layouts are chosen so the torch kernel
+and the ONNX op read the same tensors:
+
+- optcc::linear_dq_int8 — per-token dynamic int8 activations × per-channel int8
+  weights [in, out]. torch: torch._int_mm (int8 GEMM, int32 accumulate), dequant
+  in fp32. ONNX: the same per-token codes, offset by 128 to uint8 by one per-row
+  QuantizeLinear, into com.microsoft MatMulIntegerToFloat with a_zero_point 128
+  (onnxruntime's fast u8·s8 GEMM; its DynamicQuantizeLinear is per-tensor only),
+  then the same fp32 scale multiplies. Both build identical int32 accumulators,
+  so the artifacts agree to float rounding (see docs/quantize.md for when not).
+- optcc::linear_w8 — int8 per-channel weight-only: dequantize, fp32 matmul.
+  ONNX: DequantizeLinear(axis=1) + MatMul.
+- optcc::linear_w4 — int4 group-wise weight-only in MatMulNBits layout
+  (codes [out, groups, group/2] packed low nibble first, scales [out·groups],
+  packed zero points). torch: unpack + dequantize + fp32 matmul (no fast int4
+  CPU kernel is used). ONNX: com.microsoft MatMulNBits.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+from optcc.emit import register_onnx_translation
+from optcc.quant import QMAX8, EPS, quantize_per_token, unpack_int4, unpack_zero_points
+
+
+# ----------------------------------------------------- onnxruntime contrib ---
+
+_CONTRIB = {  # name: (inputs as (name, type, optional), attributes); outputs are one Y of type T1/T3
+    "MatMulIntegerToFloat": ([("A", "T1", 0), ("B", "T2", 0), ("a_scale", "T3", 0), ("b_scale", "T3", 0),
+                              ("a_zero_point", "T1", 1), ("b_zero_point", "T2", 1), ("bias", "T3", 1)], (), "T3"),
+    "MatMulNBits": ([("A", "T3", 0), ("B", "T1", 0), ("scales", "T3", 0), ("zero_points", "T1", 1)],
+                    ("K", "N", "bits", "block_size", "accuracy_level"), "T3"),
+}
+
+
+def _contrib(name: str):
+    """An onnxruntime com.microsoft op as an onnxscript op. onnx ships no schemas for
+    contrib ops and the exporter's tracer needs one, so the subset used here is declared."""
+    from onnx.defs import OpSchema
+    from onnxscript.values import Op, Opset
+
+    inputs, attrs, out_type = _CONTRIB[name]
+    P, opt = OpSchema.FormalParameter, OpSchema.FormalParameterOption
+    schema = OpSchema(
+        name, "com.microsoft", 1,
+        inputs=[P(n, t, param_option=opt.Optional if o else opt.Single) for n, t, o in inputs],
+        outputs=[P("Y", out_type)],
+        type_constraints=[("T1", ["tensor(uint8)", "tensor(int8)"], ""), ("T2", ["tensor(int8)", "tensor(uint8)"], ""),
+                          ("T3", ["tensor(float)"], "")],
+        attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "") for a in attrs],
+    )
+    return Op(Opset("com.microsoft", 1), name, schema)
+
+
+# ------------------------------------------------------------ int8 dynamic ---
+
+@torch.library.custom_op("optcc::linear_dq_int8", mutates_args=())
+def linear_dq_int8(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """x: [..., in] f32; w_q: [in, out] int8; w_scale: [out] f32; bias: [out] → [..., out]."""
+    q, s = quantize_per_token(x.reshape(-1, x.shape[-1]))
+    # (acc · w_scale) · s + bias: the order onnxruntime's MatMulIntegerToFloat + Mul + Add use
+    y = torch._int_mm(q, w_q).to(torch.float32).mul_(w_scale).mul_(s)
+    if bias is not None:
+        y.add_(bias)
+    return y.reshape(*x.shape[:-1], w_q.shape[1])
+
+
+@linear_dq_int8.register_fake
+def _(x, w_q, w_scale, bias):
+    return x.new_empty((*x.shape[:-1], w_q.shape[1]))
+
+
+def _onnx_linear_dq_int8(x, w_q, w_scale, bias=None):
+    import onnx_ir as ir
+    from onnxscript import opset18 as op
+
+    u8 = ir.DataType.UINT8
+    last = op.Constant(value_ints=[-1])
+    # max|x| as max(max x, -min x): two read-only reductions, no |x| tensor written
+    amax = op.Max(op.ReduceMax(x, last, keepdims=1), op.Neg(op.ReduceMin(x, last, keepdims=1)))
+    s = op.Max(op.Div(amax, op.Constant(value_float=float(QMAX8))), op.Constant(value_float=EPS))  # [..., 1]
+    # One fused QuantizeLinear per row (per-axis over the flattened tokens): round(x / s) + 128 as uint8.
+    rows = op.Reshape(s, op.Constant(value_ints=[-1]))
+    zp = op.Expand(op.Constant(value=ir.tensor(128, dtype=u8)), op.Shape(rows))
+    q = op.QuantizeLinear(op.Reshape(x, op.Constant(value_ints=[-1, int(w_q.shape[0])])), rows, zp, axis=0)
+    q = op.Reshape(q, op.Shape(x))
+    # int32 accumulate, then acc · w_scale in the GEMM epilogue (a_scale 1: the per-token scale
+    # cannot go there, onnxruntime takes a scalar a_scale), then · s and + bias.
+    y = _contrib("MatMulIntegerToFloat")(q, w_q, op.Constant(value_float=1.0), w_scale,
+                                         op.Constant(value=ir.tensor(128, dtype=u8)))
+    y = op.Mul(y, s)
+    return op.Add(y, bias) if bias is not None else y
+
+
+# -------------------------------------------------------- int8 weight-only ---
+
+@torch.library.custom_op("optcc::linear_w8", mutates_args=())
+def linear_w8(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """x: [..., in]; w_q: [in, out] int8; w_scale: [out] → [..., out]."""
+    w = w_q.to(torch.float32) * w_scale
+    y = torch.matmul(x, w)
+    return y + bias if bias is not None else y
+
+
+@linear_w8.register_fake
+def _(x, w_q, w_scale, bias):
+    return x.new_empty((*x.shape[:-1], w_q.shape[1]))
+
+
+def _onnx_linear_w8(x, w_q, w_scale, bias=None):
+    from onnxscript import opset18 as op
+
+    w = op.DequantizeLinear(w_q, w_scale, axis=1)  # no zero point: symmetric int8
+    y = op.MatMul(x, w)
+    return op.Add(y, bias) if bias is not None else y
+
+
+# ------------------------------------------------------- int4 weight-only ---
+
+@torch.library.custom_op("optcc::linear_w4", mutates_args=())
+def linear_w4(x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
+              in_features: int, group_size: int, accuracy_level: int) -> Tensor:
+    """x: [..., in]; w_packed: uint8 [out, groups, group/2]; scales: [out·groups];
+    zeros: uint8 [out·ceil(groups/2)] (MatMulNBits layout) → [..., out].
+    accuracy_level only reaches the ONNX op (4: onnxruntime quantizes x per block to int8)."""
+    out_f, groups = w_packed.shape[0], w_packed.shape[1]
+    codes = unpack_int4(w_packed).reshape(out_f, groups, group_size).to(torch.float32)
+    zero = unpack_zero_points(zeros, out_f, groups).to(torch.float32)
+    w = ((codes - zero[..., None]) * scales.reshape(out_f, groups, 1)).reshape(out_f, in_features)
+    return F.linear(x, w, bias)
+
+
+@linear_w4.register_fake
+def _(x, w_packed, scales, zeros, bias, in_features, group_size, accuracy_level):
+    return x.new_empty((*x.shape[:-1], w_packed.shape[0]))
+
+
+def _onnx_linear_w4(x, w_packed, scales, zeros, bias=None, in_features: int = 0, group_size: int = 0,
+                    accuracy_level: int = 0):
+    out_f = w_packed.shape[0]
+    y = _contrib("MatMulNBits")(x, w_packed, scales, zeros, K=in_features, N=int(out_f), bits=4, block_size=group_size,
+                                accuracy_level=accuracy_level)
+    if bias is None:
+        return y
+    from onnxscript import opset18 as op
+
+    return op.Add(y, bias)
+
+
+for _op, _fn in ((torch.ops.optcc.linear_dq_int8.default, _onnx_linear_dq_int8),
+                 (torch.ops.optcc.linear_w8.default, _onnx_linear_w8),
+                 (torch.ops.optcc.linear_w4.default, _onnx_linear_w4)):
+    register_onnx_translation(_op, _fn)
+
+
+
+# Count the same multiply-adds as the fp32 linear they replace (integer or not), so the
+# report's FLOPs column does not read a quantized layer as removed work.
+@register_flop_formula([torch.ops.optcc.linear_dq_int8, torch.ops.optcc.linear_w8, torch.ops.optcc.linear_w4])
+def _linear_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
+    return 2 * math.prod(out_shape) * x_shape[-1]
+
+
+QUANT_OPS = {torch.ops.optcc.linear_dq_int8.default, torch.ops.optcc.linear_w8.default,
+             torch.ops.optcc.linear_w4.default}

@@ -1,0 +1,435 @@
+"""quantize: replace linear layers by integer-kernel ops (optcc.qops).
+
+Schemes: int8-dynamic (per-token int8 activations × per-channel int8 weights,
+torch._int_mm / ONNX MatMulIntegerToFloat), int8-weight-only (DequantizeLinear +
+MatMul), int4-weight-only (group-wise RTN, ONNX MatMulNBits) and int4-awq
+(activation-aware per-channel scales searched on calibration data). Optional
+SmoothQuant folding for int8-dynamic. Scales are folded into the preceding norm
+only where that norm feeds nothing but the linears being scaled.
+Math in optcc/quant.py; ops in optcc/qops.py; docs in docs/quantize.md.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import re
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.fx as fx
+
+from optcc import qops, quant  # noqa: F401  (qops registers the optcc:: ops)
+from optcc.bench import measure
+from optcc.context import PassContext
+from optcc.errors import PassError
+from optcc.probe import record
+from optcc.registry import PassResult, register
+from optcc.schema import field
+from optcc.structure import Linear, module_classes, module_path
+
+aten = torch.ops.aten
+ops = torch.ops.optcc
+Scheme = Literal["int8-dynamic", "int8-weight-only", "int4-weight-only", "int4-awq"]
+# Ops that hand the same values on unchanged (as long as the last dim is kept).
+_PASS_THROUGH = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
+                 aten.alias.default, aten.contiguous.default}
+_AWQ_TOKENS = 512  # calibration rows kept per linear group for the AWQ search
+
+
+@dataclass(frozen=True)
+class Smooth:
+    """SmoothQuant: s_j = max|X_j|^alpha / max|W_j|^(1-alpha), folded into the preceding norm."""
+
+    alpha: float = field(0.5, help="migration strength: 0 keeps activations as they are, 1 moves all range into weights")
+
+
+@dataclass(frozen=True)
+class Config:
+    scheme: Scheme = field("int8-dynamic", help="int8-dynamic | int8-weight-only | int4-weight-only | int4-awq")
+    group_size: int = field(128, help="int4: input channels per scale; must divide every quantized layer's in_features")
+    exclude: tuple[str, ...] = field((), help="module path prefixes (or 're:REGEX' matching the whole path) to keep in fp32")
+    include_head: bool = field(True, help="also quantize the output head (linears after the last block)")
+    smooth: Optional[Smooth] = field(None, help="int8-dynamic: SmoothQuant folding, e.g. {alpha: 0.5}")
+    int4_activations: Literal["fp32", "int8"] = field("fp32", help="int4, ONNX only: int8 lets MatMulNBits quantize activations per block (faster on VNNI CPUs; the ONNX artifact then differs from the torch one by that rounding)")
+    awq_grid: int = field(20, help="int4-awq: grid points for the scale exponent in [0, 1)")
+    awq_clip: bool = field(True, help="int4-awq: also search a per-group clipping range")
+    measure: bool = field(True, help="when the recipe benchmarks: time the fp32 and quantized graphs (torch) and note if quantized is slower")
+
+    def __post_init__(self) -> None:
+        if self.scheme.startswith("int4"):
+            quant.check_group_size(self.group_size, self.group_size)  # even and >= 2
+        # checked here, not in Smooth: the loader reports errors inside an optional section poorly
+        if self.smooth is not None and not 0.0 <= self.smooth.alpha <= 1.0:
+            raise ValueError(f"smooth.alpha must be in [0, 1], got {self.smooth.alpha}")
+        if self.smooth is not None and self.scheme != "int8-dynamic":
+            raise ValueError(f"smooth applies to int8-dynamic (it moves activation outliers into the weights); "
+                             f"scheme is {self.scheme}" + ("; int4-awq searches its own scales" if self.scheme == "int4-awq" else ""))
+        if self.awq_grid < 1:
+            raise ValueError(f"awq_grid must be >= 1, got {self.awq_grid}")
+        for p in self.exclude:
+            if p.startswith("re:"):
+                try:
+                    re.compile(p[3:])
+                except re.error as e:
+                    raise ValueError(f"exclude pattern '{p}' is not a valid regex: {e}") from None
+
+
+def _matches(pattern: str, path: str) -> bool:
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], path) is not None
+    return path == pattern or path.startswith(pattern + ".")
+
+
+def select(linears: list[Linear], head: list[str], cfg: Config) -> tuple[list[Linear], list[str], list[str]]:
+    """(targets, excluded paths, warnings) for the config's exclude/include_head."""
+    warnings = []
+    for p in cfg.exclude:
+        if not any(_matches(p, l.path) for l in linears):
+            warnings.append(f"exclude pattern '{p}' matches no linear layer (paths look like '{linears[0].path}')"
+                            if linears else f"exclude pattern '{p}' matches nothing: the model has no linear layers")
+    excluded = [l.path for l in linears
+                if any(_matches(p, l.path) for p in cfg.exclude) or (not cfg.include_head and l.path in head)]
+    return [l for l in linears if l.path not in excluded], excluded, warnings
+
+
+# ---------------------------------------------------------- graph reading ---
+
+def _get(gm: torch.nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _set(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
+    """Point `target` at a new tensor; the old one (maybe shared with the user's model) is left untouched."""
+    owner_path, _, name = target.rpartition(".")
+    owner = gm.get_submodule(owner_path) if owner_path else gm
+    if name in owner._parameters:
+        owner._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+    elif name in owner._buffers:
+        owner._buffers[name] = value
+    else:
+        setattr(owner, name, value)
+
+
+def _parts(node: fx.Node) -> tuple[fx.Node, Optional[fx.Node]]:
+    """(input x, bias) of a linear (aten.linear) or GPT-2 Conv1D (aten.addmm) node."""
+    if node.target == aten.addmm.default:
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
+            raise PassError(f"{module_path(node)}: addmm with beta/alpha != 1 is not a linear layer", "exclude it")
+        return node.args[1], node.args[0]
+    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+    return node.args[0], bias
+
+
+def _pass_through(n: fx.Node, width: int) -> bool:
+    """Does `n` hand each channel of its input on unchanged (so a per-channel scale commutes)?"""
+    if n.op != "call_function":
+        return False
+    val, src = n.meta.get("val"), n.args[0].meta.get("val") if n.args and isinstance(n.args[0], fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.shape[-1] != width:
+        return False
+    if n.target in (aten.slice.Tensor, aten.select.int):  # token slicing, e.g. the last position or CLS
+        dim = n.args[1] if len(n.args) > 1 else 0
+        return isinstance(src, torch.Tensor) and dim % src.dim() != src.dim() - 1
+    if n.target == aten.dropout.default:
+        return not (n.args[2] if len(n.args) > 2 else n.kwargs.get("train", True))
+    return n.target in _PASS_THROUGH
+
+
+def _source(x: fx.Node, width: int) -> fx.Node:
+    while _pass_through(x, width) and isinstance(x.args[0], fx.Node):
+        x = x.args[0]
+    return x
+
+
+def _norm_params(gm: fx.GraphModule, n: fx.Node, width: int) -> tuple[Optional[fx.Node], Optional[fx.Node], str]:
+    """(weight, bias) get_attr nodes of a norm whose output is `n`, or (None, None, why not)."""
+    if n.op != "call_function":
+        return None, None, "input is not computed by a norm"
+    if n.target == aten.layer_norm.default:
+        w, b = (n.args[2] if len(n.args) > 2 else None), (n.args[3] if len(n.args) > 3 else None)
+    elif n.target == aten.rms_norm.default:
+        w, b = (n.args[2] if len(n.args) > 2 else None), None
+    elif n.target == aten.mul.Tensor and module_classes(n) and "norm" in module_classes(n)[-1].lower():
+        # RMSNorm written out (HF Llama): weight * normalized
+        w = next((a for a in n.args if isinstance(a, fx.Node) and a.op == "get_attr"
+                  and tuple(_get(gm, a.target).shape) == (width,)), None)
+        b = None
+    else:
+        return None, None, "input is not computed by a norm"
+    for p in (w, b):
+        if p is not None and (not isinstance(p, fx.Node) or p.op != "get_attr" or len(p.users) != 1):
+            return None, None, f"norm {module_path(n)} has a weight shared with other nodes"
+    if w is None:
+        return None, None, f"norm {module_path(n)} has no weight to fold into"
+    return w, b, ""
+
+
+def _consumers(src: fx.Node, width: int) -> set[fx.Node]:
+    """Every node that reads `src` once pass-through ops are looked through."""
+    out, todo = set(), list(src.users)
+    while todo:
+        u = todo.pop()
+        if _pass_through(u, width):
+            todo.extend(u.users)
+        else:
+            out.add(u)
+    return out
+
+
+@dataclass
+class Group:
+    """Target linears that read the same activation, and where scales can be folded."""
+
+    source: fx.Node
+    members: list[tuple[Linear, fx.Node]]
+    norm_weight: Optional[fx.Node] = None
+    norm_bias: Optional[fx.Node] = None
+    why_not: str = ""
+
+    @property
+    def foldable(self) -> bool:
+        return self.norm_weight is not None
+
+
+def groups(gm: fx.GraphModule, targets: list[Linear]) -> list[Group]:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    by_src: dict[fx.Node, Group] = {}
+    for li in targets:
+        node = nodes[li.node]
+        src = _source(_parts(node)[0], li.in_features)
+        by_src.setdefault(src, Group(src, [])).members.append((li, node))
+    for g in by_src.values():
+        width = g.members[0][0].in_features
+        w, b, why = _norm_params(gm, g.source, width)
+        if w is not None:
+            others = _consumers(g.source, width) - {n for _, n in g.members}
+            if others:
+                why = (f"norm {module_path(g.source)} also feeds "
+                       + ", ".join(sorted(module_path(o) or o.name for o in others)[:3]))
+                w = b = None
+        g.norm_weight, g.norm_bias, g.why_not = w, b, why
+    return list(by_src.values())
+
+
+# ------------------------------------------------------------ calibration ---
+
+def _calibration(ctx: PassContext) -> tuple[list[dict], str]:
+    batches = ctx.calibration()
+    if batches:
+        return batches, f"{len(batches)} calibration batches"
+    return [ctx.inputs], "no calibration data was given: statistics come from the example inputs"
+
+
+def _stats(gm: fx.GraphModule, grps: list[Group], batches: list[dict], rows: int) -> dict[str, dict]:
+    """Per group input node: absmax [in] and (rows > 0) a fixed random sample of rows [n, in]."""
+    names = {_parts(g.members[0][1])[0].name: g for g in grps}
+    gen = torch.Generator().manual_seed(0)
+    per_batch = math.ceil(rows / max(len(batches), 1)) if rows else 0
+
+    def reduce(name: str, t: torch.Tensor) -> dict:
+        flat = t.detach().float().reshape(-1, t.shape[-1])
+        out = {"absmax": flat.abs().amax(dim=0)}
+        if per_batch:
+            idx = torch.randperm(flat.shape[0], generator=gen)[:per_batch]
+            out["rows"] = flat[idx].clone()
+        return out
+
+    found = record(gm, batches, names, reduce)
+    out = {}
+    for name, vals in found.items():
+        g = names[name]
+        out[g.source.name] = {"absmax": torch.stack([v["absmax"] for v in vals]).amax(dim=0),
+                              "rows": torch.cat([v["rows"] for v in vals]) if per_batch else None}
+    return out
+
+
+# ------------------------------------------------------------------ surgery ---
+
+def _weight(gm: fx.GraphModule, li: Linear) -> torch.Tensor:
+    """The layer's weight as [out, in] fp32 (GPT-2 Conv1D stores [in, out])."""
+    w = _get(gm, li.weight).detach().float()
+    return w.t() if li.transposed else w
+
+
+def _fold(gm: fx.GraphModule, g: Group, s: torch.Tensor, scales: dict[str, torch.Tensor]) -> None:
+    """x/s goes into the norm (weight and bias), w·s into each linear of the group."""
+    for p in (g.norm_weight, g.norm_bias):
+        if p is not None:
+            old = _get(gm, p.target)
+            _set(gm, p.target, (old.detach().float() / s).to(old.dtype))
+    for li, _ in g.members:
+        scales[li.path] = s
+
+
+def _buffer(gm: fx.GraphModule, path: str, suffix: str, t: torch.Tensor) -> str:
+    base = "q_" + re.sub(r"\W", "_", path) + "_" + suffix
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    gm.register_buffer(name, t)
+    return name
+
+
+def _replace(gm: fx.GraphModule, node: fx.Node, li: Linear, op, tensors: dict[str, torch.Tensor], extra: tuple) -> None:
+    x, bias = _parts(node)
+    with gm.graph.inserting_before(node):
+        attrs = [gm.graph.get_attr(_buffer(gm, li.path, k, t)) for k, t in tensors.items()]
+        new = gm.graph.call_function(op, (x, *attrs, bias, *extra))
+    new.meta = dict(node.meta)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+
+
+def _quantize(w: torch.Tensor, li: Linear, cfg: Config, clip: Optional[torch.Tensor]):
+    """(op, tensors, extra args, dequantized weight [out, in], bits) for one layer."""
+    if cfg.scheme.startswith("int8"):
+        q, sc = quant.quantize_per_channel(w)
+        op = ops.linear_dq_int8.default if cfg.scheme == "int8-dynamic" else ops.linear_w8.default
+        return op, {"wq": q.t().contiguous(), "ws": sc}, (), quant.dequantize_per_channel(q, sc), 8
+    codes, sc, zp = quant.quantize_groupwise(w, cfg.group_size, clip=clip)
+    groups_ = li.in_features // cfg.group_size
+    tensors = {"w4": quant.pack_int4(codes).reshape(li.out_features, groups_, cfg.group_size // 2),
+               "s4": sc.reshape(-1).contiguous(), "z4": quant.pack_zero_points(zp)}
+    extra = (li.in_features, cfg.group_size, 4 if cfg.int4_activations == "int8" else 0)
+    return ops.linear_w4.default, tensors, extra, quant.dequantize_groupwise(codes, sc, zp), 4
+
+
+_KERNELS = {
+    "int8-dynamic": {"torch": "torch._int_mm (int8 GEMM, int32 accumulate), per-token scales applied in fp32",
+                     "onnx": "per-row QuantizeLinear (uint8, zero point 128) + com.microsoft MatMulIntegerToFloat + scale Mul"},
+    "int8-weight-only": {"torch": "int8 weights dequantized to fp32 on every call, fp32 matmul",
+                         "onnx": "DequantizeLinear(int8 initializer, axis=1) + MatMul"},
+    "int4-weight-only": {"torch": "packed int4 unpacked and dequantized on every call, fp32 matmul (no int4 CPU kernel)",
+                         "onnx": "com.microsoft MatMulNBits (bits=4)"},
+}
+_KERNELS["int4-awq"] = _KERNELS["int4-weight-only"]
+
+
+def _timing(orig: fx.GraphModule, gm: fx.GraphModule, ctx: PassContext) -> dict:
+    res = measure({"fp32": lambda: orig(**ctx.inputs), "quantized": lambda: gm(**ctx.inputs)},
+                  warmup=2, iters=5, min_seconds=0.3, items=1, max_seconds=30.0)
+    fp, q = res["fp32"]["p50_ms"], res["quantized"]["p50_ms"]
+    return {"fp32_p50_ms": round(fp, 3), "quantized_p50_ms": round(q, 3), "speedup": round(fp / q, 3),
+            "threads": torch.get_num_threads()}
+
+
+def _activation_scales(gm: fx.GraphModule, grps: list[Group], cfg: Config, ctx: PassContext
+                       ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """SmoothQuant or AWQ: fold per-channel scales into foldable norms. Returns (input-channel
+    scale per linear path, clip ratios per linear path, stats)."""
+    batches, calib_note = _calibration(ctx)
+    st = _stats(gm, grps, batches, _AWQ_TOKENS if cfg.scheme == "int4-awq" else 0)
+    scales, clips, folded, skipped = {}, {}, [], []
+    tick = ctx.progress("activation-aware scales", len(grps))
+    for g in grps:
+        names = [li.path for li, _ in g.members]
+        w_all = torch.cat([_weight(gm, li) for li, _ in g.members])
+        if not g.foldable:
+            skipped.append({"linears": names, "reason": g.why_not})
+        elif cfg.smooth is not None:
+            sc = quant.smooth_scales(st[g.source.name]["absmax"], w_all.abs().amax(dim=0), cfg.smooth.alpha)
+            folded.append({"norm": module_path(g.source), "linears": names})
+            _fold(gm, g, sc, scales)
+        else:
+            sc, alpha, errs = quant.awq_search(st[g.source.name]["rows"], w_all, cfg.group_size, cfg.awq_grid)
+            folded.append({"norm": module_path(g.source), "linears": names, "alpha": alpha,
+                           "mse_rtn": errs[0], "mse_best": min(errs)})
+            _fold(gm, g, sc, scales)
+        if cfg.scheme == "int4-awq" and cfg.awq_clip:
+            x = st[g.source.name]["rows"]
+            for li, _ in g.members:
+                s_li = scales.get(li.path, torch.ones(li.in_features))
+                clips[li.path] = quant.awq_clip(x / s_li, _weight(gm, li) * s_li, cfg.group_size)
+        tick(1)
+    params = {"alpha": cfg.smooth.alpha} if cfg.smooth is not None else {"grid": cfg.awq_grid, "clip": cfg.awq_clip}
+    return scales, clips, {"calibration": calib_note, **params, "folded": folded, "skipped": skipped}
+
+
+def _notes(cfg: Config, tied: list[str], skipped: int, timing: Optional[dict]) -> list[str]:
+    notes = []
+    if skipped:
+        notes.append(f"{skipped} linears got no activation-aware scales: their input is not a norm that feeds only them (see skipped)")
+    if tied:
+        notes.append(f"{', '.join(tied)}: weight is shared with other nodes (tied), so its fp32 copy stays "
+                     "next to the quantized one; exclude it to save those bytes")
+    if cfg.scheme.startswith("int4"):
+        notes.append("torch artifact: no fast int4 CPU kernel is used (dequantize on the fly); it is not expected "
+                     "to be faster than fp32 — the ONNX artifact (MatMulNBits) is the fast one")
+        if cfg.int4_activations == "int8":
+            notes.append("ONNX MatMulNBits runs with int8 activations (accuracy_level 4): the ONNX artifact differs "
+                         "from the graph and the torch artifact by that rounding; emit.atol must allow it")
+    if cfg.scheme == "int8-weight-only":
+        notes.append("weight-only int8 cuts weight bytes; compute stays fp32, so it is not expected to be faster")
+    if cfg.scheme == "int8-dynamic":
+        notes.append("ONNX activations use the same per-token int8 codes as torch (uint8 + zero point 128), "
+                     "not onnxruntime's per-tensor DynamicQuantizeLinear")
+    if timing is not None and timing["speedup"] < 1.0:
+        notes.append(f"SLOWER: on this machine the quantized torch graph runs at {timing['speedup']:.2f}x "
+                     f"the fp32 graph ({timing['quantized_p50_ms']:.2f} ms vs {timing['fp32_p50_ms']:.2f} ms)")
+    return notes
+
+
+@register("quantize", Config, summary="int8 / int4 linear layers with integer kernels (MatMulIntegerToFloat, MatMulNBits, _int_mm)",
+          after=("layer_skip", "token_merge", "kv_share"))
+def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
+    s = ctx.structure(gm)
+    targets, excluded, warnings = select(s.linears, s.head, cfg)
+    if not targets:
+        raise PassError("no linear layers left to quantize" + (f" (excluded: {', '.join(excluded[:5])})" if excluded else ""),
+                        "loosen `exclude`/`include_head`, or drop the quantize step")
+    nodes = {n.name: n for n in gm.graph.nodes}
+    for li in targets:
+        xv = _parts(nodes[li.node])[0].meta.get("val")
+        if isinstance(xv, torch.Tensor) and xv.dtype != torch.float32:
+            raise PassError(f"{li.path}: input is {xv.dtype}; quantize expects an fp32 model", "export the model in fp32")
+        if cfg.scheme.startswith("int4") and li.in_features % cfg.group_size:
+            ok = [g for g in (16, 32, 64, 128, 256) if li.in_features % g == 0]
+            raise PassError(f"group_size {cfg.group_size} does not divide in_features {li.in_features} of {li.path}",
+                            f"use a group_size that divides it (e.g. {', '.join(map(str, ok))}) or exclude the layer")
+    # the unquantized graph (sharing weights), to time against; only when the recipe benchmarks
+    orig = fx.GraphModule(gm, copy.deepcopy(gm.graph)) if cfg.measure and ctx.time_graph else None
+    grps = groups(gm, targets)
+    scales, clips, extra = {}, {}, {}
+    if cfg.smooth is not None or cfg.scheme == "int4-awq":
+        scales, clips, found = _activation_scales(gm, grps, cfg, ctx)
+        extra["smooth" if cfg.smooth is not None else "awq"] = found
+
+    layers, before, after, tied = [], 0, 0, []
+    tick = ctx.progress(f"quantize {cfg.scheme}", len(targets))
+    for g in grps:
+        for li, node in g.members:
+            w0 = _weight(gm, li)
+            sc = scales.get(li.path)
+            op, tensors, args, w_hat, bits = _quantize(w0 * sc if sc is not None else w0, li, cfg, clips.get(li.path))
+            w_eff = w_hat / sc if sc is not None else w_hat  # what the layer computes with, vs the original
+            layers.append({"name": li.path, "sqnr_db": round(quant.sqnr_db(w0, w_eff), 2), "bits": bits})
+            orig_w = _get(gm, li.weight)
+            before += orig_w.numel() * orig_w.element_size()
+            after += sum(t.numel() * t.element_size() for t in tensors.values())
+            readers = [u for a in gm.graph.nodes if a.op == "get_attr" and a.target == li.weight for u in a.users]
+            if len(readers) > 1:  # tied (e.g. lm_head = embedding): the fp32 copy stays for the other readers
+                tied.append(li.path)
+            _replace(gm, node, li, op, tensors, args)
+            tick(1)
+    gm.graph.lint()
+    gm.recompile()
+    timing = _timing(orig, gm, ctx) if orig is not None else None
+    skipped = sum(len(k["linears"]) for v in extra.values() for k in v["skipped"])
+    return PassResult(gm, modified=True, stats={
+        "scheme": cfg.scheme,
+        "quantized": len(layers),
+        "excluded": excluded,
+        "warnings": warnings,
+        "kernels": _KERNELS[cfg.scheme],
+        "weight_bytes": {"before": before, "after": after, "ratio": round(after / before, 4) if before else None},
+        "sqnr_db_min": min(l["sqnr_db"] for l in layers),
+        "sqnr_db_mean": round(sum(l["sqnr_db"] for l in layers) / len(layers), 2),
+        "layers": layers,
+        **extra,
+        "torch_graph_timing": timing,
+        "notes": _notes(cfg, tied, skipped, timing),
+    })
