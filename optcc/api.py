@@ -26,7 +26,7 @@ from optcc.evaluate import compare, metric_for, run_metric, strip
 from optcc.context import PassContext
 from optcc.emit import emit_all
 from optcc.environment import environment
-from optcc.decoder import CacheSpec, example_inputs, generate, no_guard_module, wrap
+from optcc.decoder import CacheSpec, example_inputs, export_mode, generate, no_guard_module, wrap
 from optcc.decoder import dynamic_shapes as decoder_shapes
 from optcc.errors import IntakeError, RecipeError, RequirementError
 from optcc.genbench import bench_generation, prompt_ids
@@ -56,6 +56,7 @@ class Prepared:
     primary: int
     causal: Optional[bool]
     cache: Optional[CacheSpec] = None  # set for text-generation: the graph has an explicit KV cache
+    prefix: Optional[torch.Tensor] = None  # text-generation: the tokens whose cache `inputs` carry
 
     def complete(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Data batches carry input_ids only; a decoder graph also takes its (empty) past."""
@@ -85,10 +86,11 @@ def prepare(source: str, task: Optional[str], weights: Optional[str], recipe: Re
                           f"exceeds the model's {limit} positions", "lower model.inputs.seq_len or generate.new_tokens")
     wrapper, spec = wrap(lm.module, source)
     lm.module = wrapper
-    example = example_inputs(wrapper, spec, ids, max(2, ids.shape[1] // 2))
+    past_len = max(2, ids.shape[1] // 2)
+    example = example_inputs(wrapper, spec, ids, past_len)
     with torch.no_grad():
         out = wrapper(**example)
-    return Prepared(lm, example, flat_outputs(out), 0, causal, spec)
+    return Prepared(lm, example, flat_outputs(out), 0, causal, spec, ids[:, :past_len])
 
 
 def probe_causal(lm: LoadedModel, inputs: dict[str, torch.Tensor], out: Any) -> Optional[bool]:
@@ -222,16 +224,19 @@ def _apply(recipe: Recipe, recipe_path, source: str, prep: Prepared, out: Path, 
     gm = capture(lm.module, prep.inputs, recipe.model.dynamic, shapes).module()
     ctx = PassContext(lm.task, prep.inputs, prep.reference, prep.primary, prep.causal,
                       calibration=_cached(lambda: [prep.complete(b) for b in calibration(lm, recipe, _plain_ids(prep))]),
-                      progress=_progress(on_event))
+                      progress=_progress(on_event), cache=prep.cache, prefix=prep.prefix)
     if recipe.bench.enabled:
-        ctx.time_graph = lambda g: measure({"g": lambda: g(**prep.inputs)}, warmup=2, iters=5, min_seconds=0.3,
+        # ctx.inputs, not prep.inputs: a pass may change a decoder's cache layout (see PassContext.follow_cache)
+        ctx.time_graph = lambda g: measure({"g": lambda: g(**ctx.inputs)}, warmup=2, iters=5, min_seconds=0.3,
                                            items=1)["g"]["p50_ms"]
     captured = {**graph_stats(gm, prep.inputs), "latency_ms": ctx.time_graph(gm) if ctx.time_graph else None,
                 "task_metric": base_metric and strip(compare(base_metric, base_metric))}
     if evalset is not None:
-        ctx.evaluate = lambda g: strip(compare(base_metric, run_metric(evalset, lambda b: run_graph(g, b), prep.primary)))
+        ctx.evaluate = lambda g: strip(compare(base_metric, run_metric(evalset, _fitted(lambda b: run_graph(g, b), prep.cache and prep.cache.follow(g)), prep.primary)))
     on_event("stage", name="passes")
     gm, records = run_passes(gm, recipe.passes, ctx, on_pass=lambda n, i, k: on_event("pass", name=n, i=i, n=k))
+    # Artifacts take the graph's inputs; for decoders a pass may have changed the cache layout.
+    inputs, cache = ctx.inputs, ctx.cache
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -241,19 +246,21 @@ def _apply(recipe: Recipe, recipe_path, source: str, prep: Prepared, out: Path, 
     try:
         on_event("stage", name="emit")
         threads = torch.get_num_threads()
-        artifacts = emit_all(gm, prep.inputs, recipe.emit.formats, recipe.emit.opset, tmp, prep.primary,
-                             recipe.emit.atol, recipe.model.dynamic, threads, shapes,
-                             prep.cache.output_names() if prep.cache else None)
-        if prep.cache:
-            (tmp / "decoder.json").write_text(json.dumps(prep.cache.to_dict(), indent=2) + "\n")
-        fid_by = {a.format: fidelity(prep.reference[prep.primary], a.runner(prep.inputs)[prep.primary],
+        with export_mode(cache) if cache else contextlib.nullcontext():
+            artifacts = emit_all(gm, inputs, recipe.emit.formats, recipe.emit.opset, tmp, prep.primary,
+                                 recipe.emit.atol, recipe.model.dynamic, threads,
+                                 decoder_shapes(cache) if cache else None, cache.output_names() if cache else None)
+        if cache:
+            (tmp / "decoder.json").write_text(json.dumps(cache.to_dict(), indent=2) + "\n")
+        fid_by = {a.format: fidelity(prep.reference[prep.primary], a.runner(inputs)[prep.primary],
                                      logits=lm.task != "feature-extraction")
                   for a in artifacts}
         worst = min(fid_by.values(), key=lambda f: f["cosine_mean"])
         task_metric = None
         if evalset is not None:
             on_event("stage", name="evaluate artifacts")
-            by = {a.format: strip(compare(base_metric, run_metric(evalset, a.runner, prep.primary))) for a in artifacts}
+            by = {a.format: strip(compare(base_metric, run_metric(evalset, _fitted(a.runner, cache), prep.primary)))
+                  for a in artifacts}
             sign = 1.0 if base_metric["metric"] == "perplexity" else -1.0  # which direction is worse
             worst_fmt = max(by, key=lambda k: sign * by[k]["delta"])
             task_metric = {"metric": base_metric["metric"], "source": evalset.source, "samples": evalset.samples,
@@ -262,10 +269,10 @@ def _apply(recipe: Recipe, recipe_path, source: str, prep: Prepared, out: Path, 
         latency = generation = None
         if recipe.bench.enabled:
             on_event("stage", name="bench")
-            latency = _bench(lm, prep, artifacts, recipe)
+            latency = _bench(lm, prep, artifacts, recipe, inputs)
             if prep.cache:
                 on_event("stage", name="bench generation")
-                generation = _bench_generation(lm, prep, artifacts, recipe, evalset)
+                generation = _bench_generation(lm, prep, artifacts, recipe, cache)
         report = {
             "optcc_report": 1,
             "recipe": {"path": str(recipe_path), "resolved": recipe.to_dict()},
@@ -334,7 +341,7 @@ def _read_report(path: str | Path) -> dict:
     return data
 
 
-def _bench(lm: LoadedModel, prep: Prepared, artifacts, recipe: Recipe) -> dict:
+def _bench(lm: LoadedModel, prep: Prepared, artifacts, recipe: Recipe, graph_inputs: dict[str, torch.Tensor]) -> dict:
     inputs = prep.inputs
     module = lm.module
     fns: dict[str, Callable[[], object]] = {"baseline": lambda: module(**inputs)}
@@ -342,7 +349,7 @@ def _bench(lm: LoadedModel, prep: Prepared, artifacts, recipe: Recipe) -> dict:
     for backend in recipe.bench.backends:
         fmt = "torch" if backend == "torch" else "onnx"
         if fmt in by_format:
-            fns[backend] = (lambda r=by_format[fmt].runner: r(inputs))
+            fns[backend] = (lambda r=by_format[fmt].runner: r(graph_inputs))
     items = next(iter(inputs.values())).shape[0]
     b = recipe.bench
     res = measure(fns, warmup=b.warmup, iters=b.iters, min_seconds=b.min_seconds, items=items)
@@ -365,7 +372,7 @@ def _plain_ids(prep: Prepared) -> dict[str, torch.Tensor]:
     return {k: v for k, v in prep.inputs.items() if not k.startswith("past_")}
 
 
-def _bench_generation(lm: LoadedModel, prep: Prepared, artifacts, recipe: Recipe, evalset) -> dict:
+def _bench_generation(lm: LoadedModel, prep: Prepared, artifacts, recipe: Recipe, cache: CacheSpec) -> dict:
     spec, g = prep.cache, recipe.generate
     text = None
     if spec.byte_level and lm.zoo:
@@ -379,7 +386,13 @@ def _bench_generation(lm: LoadedModel, prep: Prepared, artifacts, recipe: Recipe
         fmt = "torch" if backend == "torch" else "onnx"
         if fmt in by_format:
             steps[backend] = by_format[fmt].runner
-    return bench_generation(steps, spec, prompt, g.new_tokens, g.rounds)
+    return bench_generation(steps, spec, prompt, g.new_tokens, g.rounds,
+                            specs={k: cache for k in steps if k != "baseline"})  # artifacts: the graph's cache layout
+
+
+def _fitted(run: Callable[[dict], list], cache: Optional[CacheSpec]) -> Callable[[dict], list]:
+    """A runner for data batches (empty past) on a graph or artifact with cache layout `cache`."""
+    return run if cache is None else (lambda b: run(cache.fit(b)))
 
 
 def _replace_dir(new: Path, out: Path) -> None:

@@ -7,6 +7,7 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
+from optcc.decoder import CacheSpec, own_inputs
 from optcc.structure import Structure, analyze, mark_causal
 
 ProgressFn = Callable[[str, int], Callable[[int], None]]
@@ -28,8 +29,30 @@ class PassContext:
     history: list[str] = field(default_factory=list)  # names of the passes that already ran
     evaluate: Optional[Callable[[fx.GraphModule], dict]] = None  # task metric of a graph, when data exist
     time_graph: Optional[Callable[[fx.GraphModule], float]] = None  # p50 ms of a graph, when benchmarking
+    cache: Optional[CacheSpec] = None  # decoder graphs: the cache layout `inputs` and calibration batches follow
+    prefix: Optional[torch.Tensor] = None  # decoder graphs: the tokens whose cache `inputs` carry [B, P]
 
     def structure(self, gm: fx.GraphModule) -> Structure:
         s = analyze(gm)
         mark_causal(s, self.causal)
         return s
+
+    def follow_cache(self, gm: fx.GraphModule) -> bool:
+        """After a pass changed the decoder cache layout (kv_share removes or merges slots):
+        `inputs` get the graph's own prefill of `prefix` as their past, calibration batches
+        its empty cache, and the reference's cache outputs become the graph's own (logits
+        stay the original model's, so fidelity still compares with the original). Raises
+        ValueError when the graph's cache outputs do not mirror its cache inputs."""
+        if self.cache is None:
+            return False
+        spec = self.cache.follow(gm)
+        if spec == self.cache:
+            return False
+        self.inputs = own_inputs(gm, spec, self.prefix, self.inputs["input_ids"])
+        with torch.no_grad():
+            out = list(gm(**self.inputs))
+        self.reference = [*self.reference[:1], *out[1:]]
+        calibration = self.calibration
+        self.calibration = lambda: [spec.fit(b) for b in calibration()]
+        self.cache = spec
+        return True

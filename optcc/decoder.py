@@ -10,7 +10,7 @@ cache. The layout follows Optimum/onnxruntime-genai decoder exports.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Callable, Iterator
 
 import torch
@@ -26,15 +26,51 @@ class CacheSpec:
     vocab_size: int
     max_positions: int | None
     byte_level: bool
+    # The graph's cache tensors, in input (= output) order, when a pass changed them (kv_share
+    # removes or merges slots): {"name", "heads", "dim", "dtype", "length"} each, where length
+    # names the dynamic dim 2 ("past", or e.g. "retained" for a slot that grows differently).
+    # Empty: one key and one value [B, kv_heads, P, head_dim] per layer.
+    slots: tuple = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "slots", tuple(dict(s) for s in self.slots))  # decoder.json gives lists
+
+    def slot_list(self) -> list[dict]:
+        if self.slots:
+            return [dict(s) for s in self.slots]
+        return [{"name": f"{kind}_{i}", "heads": self.kv_heads, "dim": self.head_dim, "dtype": "float32", "length": "past"}
+                for i in range(self.layers) for kind in ("key", "value")]
 
     def names(self) -> list[str]:
-        return [f"past_{kind}_{i}" for i in range(self.layers) for kind in ("key", "value")]
+        return [f"past_{s['name']}" for s in self.slot_list()]
 
     def output_names(self) -> list[str]:
-        return ["logits"] + [n.replace("past_", "present_") for n in self.names()]
+        return ["logits"] + [f"present_{s['name']}" for s in self.slot_list()]
 
     def empty(self, batch: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-        return {n: torch.zeros(batch, self.kv_heads, 0, self.head_dim, dtype=dtype) for n in self.names()}
+        out = {}
+        for s in self.slot_list():
+            dt = getattr(torch, s["dtype"])
+            out[f"past_{s['name']}"] = torch.zeros(batch, s["heads"], 0, s["dim"], dtype=dtype if dt.is_floating_point else dt)
+        return out
+
+    def follow(self, gm: torch.nn.Module) -> "CacheSpec":
+        """The spec of a decoder graph's actual cache: its past_* placeholders in order (a pass
+        marks a slot whose dim 2 is not the past length with node.meta["cache_length"])."""
+        slots = []
+        for ph in gm.graph.nodes:
+            if ph.op != "placeholder" or not ph.name.startswith("past_"):
+                continue
+            v = ph.meta.get("val")
+            slots.append({"name": ph.name[len("past_"):], "heads": int(v.shape[1]), "dim": int(v.shape[3]),
+                          "dtype": str(v.dtype).removeprefix("torch."), "length": ph.meta.get("cache_length", "past")})
+        default = CacheSpec(self.layers, self.kv_heads, self.head_dim, self.vocab_size, self.max_positions, self.byte_level)
+        return default if slots == default.slot_list() else replace(default, slots=tuple(slots))
+
+    def fit(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A batch with an empty past (calibration, evaluation, prefill) in this spec's layout."""
+        ids = batch["input_ids"]
+        return {**{k: v for k, v in batch.items() if not k.startswith("past_")}, **self.empty(ids.shape[0])}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -118,8 +154,39 @@ def example_inputs(wrapper: KVWrapper, spec: CacheSpec, input_ids: torch.Tensor,
 
 def dynamic_shapes(spec: CacheSpec) -> dict:
     auto = torch.export.Dim.AUTO
-    past = torch.export.Dim("past", min=0, max=1 << 20)
-    return {"input_ids": {0: auto, 1: auto}, **{n: {0: auto, 2: past} for n in spec.names()}}
+    lengths = {s["length"] for s in spec.slot_list()}
+    dims = {name: torch.export.Dim(name, min=0, max=1 << 20) for name in sorted(lengths)}
+    return {"input_ids": {0: auto, 1: auto},
+            **{f"past_{s['name']}": {0: auto, 2: dims[s["length"]]} for s in spec.slot_list()}}
+
+
+def own_inputs(gm: torch.nn.Module, spec: CacheSpec, prefix: torch.Tensor, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Decode-shaped inputs for a graph whose cache layout a pass changed: the graph's own
+    prefill of `prefix` [B, P] becomes the past (what deployment would hold), then `input_ids`."""
+    with torch.no_grad():
+        out = list(gm(**{"input_ids": prefix, **spec.empty(prefix.shape[0])}))
+    if len(out) != 1 + len(spec.names()):
+        raise ValueError(f"the graph has {len(spec.names())} cache inputs but returns {len(out) - 1} cache outputs")
+    for name, t, s in zip(spec.names(), out[1:], spec.slot_list()):
+        if (t.dim() != 4 or t.shape[1] != s["heads"] or t.shape[3] != s["dim"]
+                or str(t.dtype).removeprefix("torch.") != s["dtype"]):
+            raise ValueError(f"cache output for {name} is {t.dtype} {tuple(t.shape)}, its input is "
+                             f"{s['dtype']} [B, {s['heads']}, P, {s['dim']}]")
+    return {"input_ids": input_ids, **dict(zip(spec.names(), out[1:]))}
+
+
+@contextlib.contextmanager
+def export_mode(spec: CacheSpec) -> Iterator[None]:
+    """Export settings for a decoder graph. A slot with its own length (kv_share merge keeps a
+    few exact tokens) is often 0 or 1 long in the example inputs; size-oblivious shapes keep
+    export from specialising that dimension to the example's value."""
+    if all(s["length"] == "past" for s in spec.slot_list()):
+        yield
+        return
+    import torch.fx.experimental._config as fx_config
+
+    with fx_config.patch(backed_size_oblivious=True):
+        yield
 
 
 @contextlib.contextmanager
@@ -165,6 +232,6 @@ def generate(step: Step, spec: CacheSpec, prompt: torch.Tensor, new_tokens: int,
         tokens.append(token)
         present = out[1:]
     kv_bytes = sum(t.numel() * t.element_size() for t in present)
-    positions = present[0].shape[2] if present else 0
+    positions = prompt.shape[1] + new_tokens - 1  # what the cache holds; slots may differ in length (kv_share merge)
     return torch.cat(tokens, dim=1), {"prefill_s": t1 - t0, "decode_s": steps,
                                       "kv_bytes_per_token": kv_bytes / max(1, positions * batch)}

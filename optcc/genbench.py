@@ -12,19 +12,21 @@ from optcc.decoder import CacheSpec, Step, generate
 
 
 def bench_generation(steps: dict[str, Step], spec: CacheSpec, prompt: torch.Tensor, new_tokens: int,
-                     rounds: int) -> dict:
-    """steps: {"baseline": eager step, backend: artifact step}. prompt: [B, T]."""
+                     rounds: int, specs: dict[str, CacheSpec] | None = None) -> dict:
+    """steps: {"baseline": eager step, backend: artifact step}. prompt: [B, T].
+    specs: a step's own cache layout where it differs from `spec` (a pass changed the cache)."""
+    specs = {k: (specs or {}).get(k, spec) for k in steps}
     tokens: dict[str, torch.Tensor] = {}
     prefill: dict[str, list[float]] = {k: [] for k in steps}
     decode: dict[str, list[float]] = {k: [] for k in steps}
     kv: dict[str, float] = {}
     with torch.no_grad():
         for name, step in steps.items():  # warm-up round, also the tokens compared for greedy_match
-            tokens[name], t = generate(step, spec, prompt, new_tokens)
+            tokens[name], t = generate(step, specs[name], prompt, new_tokens)
             kv[name] = t["kv_bytes_per_token"]
         for _ in range(rounds):
             for name, step in steps.items():
-                _, t = generate(step, spec, prompt, new_tokens)
+                _, t = generate(step, specs[name], prompt, new_tokens)
                 prefill[name].append(t["prefill_s"] * 1e3)
                 decode[name].extend(x * 1e3 for x in t["decode_s"])
     batch = prompt.shape[0]

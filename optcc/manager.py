@@ -59,6 +59,7 @@ def run_passes(
         try:
             gm.graph.lint()
             prune_unused(gm)
+            ctx.follow_cache(gm)  # decoders: a pass may have changed the cache layout
         except Exception as e:
             raise PassError(f"{where} left an invalid graph: {e}", "this is a bug in the pass; run with --debug") from e
         try:
