@@ -279,7 +279,7 @@ def _apply(recipe: Recipe, recipe_path, source: str, prep: Prepared, out: Path, 
             "model": {"source": source, "name": lm.name, "task": lm.task,
                       "params": sum(p.numel() for p in lm.module.parameters()),
                       "weights_sha256": lm.weights_sha256, "causal": prep.causal},
-            "inputs": {k: list(v.shape) for k, v in prep.inputs.items()},
+            "inputs": {k: list(v.shape) for k, v in inputs.items()},  # the artifacts' inputs (after passes)
             "latency": latency,
             "fidelity": {**worst, "by_artifact": fid_by},
             "task_metric": task_metric,

@@ -29,6 +29,9 @@ def _task(report: dict, key: str) -> Optional[float]:
         return (tm["baseline"] - tm["optimized"]) * 100 if tm["metric"] == "accuracy" else None
     if key == "perplexity_increase_pct":
         return (tm["optimized"] / tm["baseline"] - 1) * 100 if tm["metric"] == "perplexity" else None
+    if key in ("embedding_cosine_mean", "neighbour_agreement"):  # sentence sets: the worst artifact
+        values = [v[key] for v in (tm.get("by_artifact") or {}).values() if v.get(key) is not None]
+        return min(values) if values else None
     return tm.get(key)
 
 
@@ -55,6 +58,8 @@ METRICS: dict[str, Callable[[dict], Any]] = {
     "task.delta": lambda r: _task(r, "delta"),
     "task.accuracy_drop": lambda r: _task(r, "accuracy_drop"),
     "task.perplexity_increase_pct": lambda r: _task(r, "perplexity_increase_pct"),
+    "task.embedding_cosine_mean": lambda r: _task(r, "embedding_cosine_mean"),
+    "task.neighbour_agreement": lambda r: _task(r, "neighbour_agreement"),
     "param_bytes_ratio": _bytes_ratio,
     "kv_bytes_ratio": lambda r: _get(r, "generation.kv_bytes_ratio"),
 }

@@ -38,6 +38,7 @@ def to_markdown(r: dict) -> str:
         slower = [k for k, v in lat.get("speedup_by_backend", {}).items() if v is not None and v < 1.0]
         if slower:
             lines += [f"**Slower than the baseline on: {', '.join(slower)}.**", ""]
+    lines += _generation(r.get("generation"))
     f = r["fidelity"]
     lines += ["## Fidelity (optimized vs original, primary output)", "",
               "| metric | value |", "|---|---|"]
@@ -69,3 +70,24 @@ def to_markdown(r: dict) -> str:
             tol = f"{q['tolerance']:g}{' relative' if q['relative'] else ''}"
             lines.append(f"| {q['metric']} | {_fmt(q['previous'])} | {_fmt(q['current'])} | {tol} | {'yes' if q['ok'] else '**NO**'} |")
     return "\n".join(lines) + "\n"
+
+
+def _generation(g: Optional[dict]) -> list[str]:
+    """Decoders: the generation bench (TTFT, decode speed, KV bytes per token, greedy match)."""
+    if not g:
+        return []
+    lines = [f"## Generation ({g['prompt_tokens']}-token prompt, {g['new_tokens']} new tokens, batch {g['batch']})", "",
+             "| backend | TTFT ms | decode ms/token p50 | tokens/s | decode speedup | KV bytes/token | greedy match |",
+             "|---|---|---|---|---|---|---|"]
+    rows = [("torch eager (baseline)", g["baseline"], 1.0, None)]
+    rows += [(k, v, g["decode_speedup_by_backend"].get(k), g["greedy_match_by_backend"].get(k))
+             for k, v in g.get("optimized", {}).items()]
+    for name, s, sp, match in rows:
+        lines.append(f"| {name} | {_fmt(s['ttft_ms'])} | {_fmt(s['decode_ms_per_token_p50'])} | "
+                     f"{_fmt(s['decode_tokens_per_s'])} | {_fmt(sp, 3)}x | {_fmt(s['kv_bytes_per_token'])} | "
+                     f"{'—' if match is None else ('yes' if match else 'no')} |")
+    lines += ["", f"KV bytes per token vs baseline: **{_fmt(g.get('kv_bytes_ratio'), 3)}x**", ""]
+    slower = [k for k, v in g.get("decode_speedup_by_backend", {}).items() if v is not None and v < 1.0]
+    if slower:
+        lines += [f"**Decoding is slower than the baseline on: {', '.join(slower)}.**", ""]
+    return lines

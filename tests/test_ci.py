@@ -109,3 +109,15 @@ def test_pass_records_and_diff_views(run):
     assert p.returncode == 0 and "two runs" in p.stdout
     p = optcc("diff", out, "--pass", "quantize")
     assert p.returncode == 2 and "no such pass" in p.stderr
+
+
+def test_embedding_gates_read_the_worst_artifact():
+    from optcc.gates import check_requirements
+
+    report = {"task_metric": {"metric": "paraphrase_retrieval", "baseline": 0.9, "optimized": 0.9, "delta": 0.0,
+                              "by_artifact": {"onnx": {"embedding_cosine_mean": 0.995, "neighbour_agreement": 1.0},
+                                              "torch": {"embedding_cosine_mean": 0.985, "neighbour_agreement": 0.97}}}}
+    res = {q["metric"]: q for q in check_requirements(report, {"task.embedding_cosine_mean": ">= 0.99",
+                                                               "task.neighbour_agreement": ">= 0.95"})}
+    assert res["task.embedding_cosine_mean"]["value"] == 0.985 and not res["task.embedding_cosine_mean"]["ok"]
+    assert res["task.neighbour_agreement"]["value"] == 0.97 and res["task.neighbour_agreement"]["ok"]

@@ -34,6 +34,8 @@ def test_decoder_artifacts_match_eager_prefill_and_decode(tmp_path, source, task
     per_token = spec["layers"] * 2 * spec["kv_heads"] * spec["head_dim"] * 4  # fp32 K and V, every layer
     assert g["baseline"]["kv_bytes_per_token"] == per_token and g["kv_bytes_ratio"] == 1.0
     assert g["baseline"]["ttft_ms"] > 0 and g["optimized"]["onnxruntime"]["decode_tokens_per_s"] > 0
+    md = (out / "report.md").read_text()
+    assert "## Generation" in md and f"| {per_token} | yes |" in md
 
     prep = prepare(source, task, None, parse_recipe(RECIPE))
     eager = lambda b: list(prep.lm.module(**b))

@@ -270,6 +270,7 @@ def test_apply_artifacts_generate_like_the_optimized_graph(tmp_path, body, ratio
     spec = CacheSpec(**json.loads((out / "decoder.json").read_text()))
     _, gm, _, _, _ = _run("builtin:tiny-llama", None, body)
     assert spec.names() == [n.name for n in gm.graph.nodes if n.op == "placeholder"][1:]
+    assert list(r["inputs"]) == ["input_ids", *spec.names()]  # the report lists the artifacts' inputs
     prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), no_guard_module():
         ref, t = generate(lambda b: list(gm(**b)), spec, prompt, 6)
