@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 # Scores of pairs that must not merge. Real similarities are cosines in [-1, 1];
-# padded sources rank above mixed pairs so that when a fixed r forces bad pairs,
-# padding is dropped first (it is masked out anyway).
+# mixed pairs (real next to padding) never merge; padded sources are dropped, and
+# rank_key spends the fixed r on them before any real pair.
 PAD_SCORE = -1.0e4
 MIXED_SCORE = -2.0e4
 _OK_ABOVE = -1.0e3
@@ -92,11 +92,23 @@ def bipartite_soft_matching(metric: torch.Tensor, r: int, protected: Sequence[in
         cols = _index_mask(scores.shape[2], [p // 2 for p in protected if p % 2 == 1], scores.device)
         scores = scores.masked_fill(rows.unsqueeze(-1) | cols.unsqueeze(0), -math.inf)
     best, partner = scores.max(dim=-1)  # [B, nA]
-    score, src_a = torch.topk(best, r, dim=-1)  # the r best-matched A tokens
+    src_a = torch.topk(rank_key(best), r, dim=-1).indices  # the r best-matched A tokens, padding first
+    score = best.gather(1, src_a)
     dst_b = partner.gather(1, src_a)
     src, dst = src_a * 2, dst_b * 2 + 1
     ok = (score > _OK_ABOVE).to(metric.dtype)
     return Match(src, dst, _keep_from_src(src, tokens), ok)
+
+
+def rank_key(best: torch.Tensor) -> torch.Tensor:
+    """Order of A tokens for the r merges. best: [B, nA] each A token's best score.
+    Padded A tokens (best == PAD_SCORE) come first, later positions before earlier
+    ones, above every real cosine (<= 1): their slots are spent on dropping padding
+    (masked out anyway), so a padded batch merges as few real tokens as it can.
+    Distinct keys, so torch and onnxruntime TopK pick the same tokens."""
+    n = best.shape[-1]
+    order = torch.arange(n, device=best.device, dtype=best.dtype) / max(n, 1)
+    return torch.where(best == PAD_SCORE, 2.0 + order, best)
 
 
 def pitome_margins(num_blocks: int) -> list[float]:

@@ -104,6 +104,20 @@ def test_padding_never_mixes_with_real_tokens():
         assert bias.shape == (2, 1, 1, t - 7) and bool(((bias < -1e30) == ~M.keep_tokens(valid, m)[:, None, None]).all())
 
 
+def test_padding_spends_r_before_real_tokens():
+    # 3 padded A tokens (positions 10, 12, 14) of 8: r=3 drops exactly those, no real token merges;
+    # r=5 drops them and merges only the two most similar real pairs.
+    g = torch.Generator().manual_seed(4)
+    valid = torch.ones(1, 16, dtype=torch.bool)
+    valid[0, 10:] = False
+    metric = F.normalize(torch.randn(1, 16, 4, generator=g), dim=-1)
+    m = M.bipartite_soft_matching(metric, 3, (0,), valid)
+    assert sorted(m.src[0].tolist()) == [10, 12, 14] and m.ok.sum() == 0
+    m5 = M.bipartite_soft_matching(metric, 5, (0,), valid)
+    real = [s for s, ok in zip(m5.src[0].tolist(), m5.ok[0].tolist()) if ok]
+    assert len(real) == 2 and all(valid[0, s] for s in real)
+
+
 def test_unmerge_copies_each_group_back():
     g = torch.Generator().manual_seed(3)
     x, metric = torch.randn(2, 12, 4, generator=g), F.normalize(torch.randn(2, 12, 3, generator=g), dim=-1)

@@ -71,7 +71,8 @@ def match_scores_reference(metric: Tensor, protected: Sequence[int] = (),
 
 def match_from_scores(node_max: Tensor, node_idx: Tensor, r: int, tokens: int) -> Match:
     """The tail of merge.bipartite_soft_matching: the r best A tokens and their partners."""
-    score, src_a = torch.topk(node_max, r, dim=-1)
+    src_a = torch.topk(ref.rank_key(node_max), r, dim=-1).indices
+    score = node_max.gather(1, src_a)
     dst_b = node_idx.gather(1, src_a)
     src, dst = src_a * 2, dst_b * 2 + 1
     ok = (score > ref._OK_ABOVE).to(node_max.dtype)
