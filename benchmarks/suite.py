@@ -20,6 +20,11 @@ from optcc.environment import environment
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
+# optcc's contenders: each recipe runs on the workload's model and shapes (model.inputs overridden)
+DEFAULT_RECIPES = ",".join([
+    "W1=recipes/quantize-int8.yaml", "W1=recipes/minilm-int8-merge.yaml",
+    "W2=recipes/token_merge.yaml", "W2=recipes/vit-merge-int8.yaml",
+    "W3=recipes/generate.yaml", "W3=recipes/llama-int8-kv.yaml"])
 
 
 def _sentence_batches(lm, batch: int, seq: int, limit: int):
@@ -204,7 +209,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--quick", action="store_true", help="smoke run with tiny shapes")
     ap.add_argument("--only", default="W1,W2,W3", help="comma-separated workloads")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--recipes", default="", help="comma-separated optcc recipes to include per workload, e.g. W1=recipes/quantize-int8.yaml")
+    ap.add_argument("--recipes", default=DEFAULT_RECIPES,
+                    help="comma-separated optcc recipes per workload, e.g. W1=recipes/quantize-int8.yaml (default: %(default)s)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
