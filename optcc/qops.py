@@ -8,8 +8,9 @@ and the ONNX op read the same tensors:
   weights [in, out]. torch: torch._int_mm (int8 GEMM, int32 accumulate), dequant
   in fp32. ONNX: the same per-token codes, offset by 128 to uint8 by one per-row
   QuantizeLinear, into com.microsoft MatMulIntegerToFloat with a_zero_point 128
-  (onnxruntime's fast u8·s8 GEMM; its DynamicQuantizeLinear is per-tensor only),
-  then the same fp32 scale multiplies. Both build identical int32 accumulators,
+  and the weights offset by 128 to uint8 as well (u8·u8: exact on every CPU, where
+  u8·s8 saturates without VNNI; onnxruntime's DynamicQuantizeLinear is per-tensor
+  only), then the same fp32 scale multiplies. Both build identical int32 accumulators,
   so the artifacts agree to float rounding (see docs/quantize.md for when not).
 - optcc::linear_w8 — int8 per-channel weight-only: dequantize, fp32 matmul.
   ONNX: DequantizeLinear(axis=1) + MatMul.
@@ -93,9 +94,16 @@ def _onnx_linear_dq_int8(x, w_q, w_scale, bias=None):
     zp = op.Expand(op.Constant(value=ir.tensor(128, dtype=u8)), op.Shape(rows))
     q = op.QuantizeLinear(op.Reshape(x, op.Constant(value_ints=[-1, int(w_q.shape[0])])), rows, zp, axis=0)
     q = op.Reshape(q, op.Shape(x))
+    # Weights as uint8 with zero point 128 (w + 128): a u8·s8 GEMM on CPUs without VNNI (AVX2's
+    # vpmaddubsw) saturates int16 pair sums (255·127·2 > 32767) and silently returns wrong values;
+    # u8·u8 is exact everywhere and as fast there. The conversion reads only the initializer, so
+    # onnxruntime folds it once when the session is created.
+    i32 = ir.DataType.INT32
+    w_u8 = op.Cast(op.Add(op.Cast(w_q, to=i32), op.Constant(value=ir.tensor(128, dtype=i32))), to=u8)
     # int32 accumulate, then acc · w_scale in the GEMM epilogue (a_scale 1: the per-token scale
     # cannot go there, onnxruntime takes a scalar a_scale), then · s and + bias.
-    y = _contrib("MatMulIntegerToFloat")(q, w_q, op.Constant(value_float=1.0), w_scale,
+    y = _contrib("MatMulIntegerToFloat")(q, w_u8, op.Constant(value_float=1.0), w_scale,
+                                         op.Constant(value=ir.tensor(128, dtype=u8)),
                                          op.Constant(value=ir.tensor(128, dtype=u8)))
     y = op.Mul(y, s)
     return op.Add(y, bias) if bias is not None else y
