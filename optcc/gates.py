@@ -9,7 +9,7 @@ import re
 from typing import Any, Callable, Optional
 
 _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt, "==": operator.eq}
-EXPR = re.compile(r"^\s*(>=|<=|==|>|<)\s*(-?[0-9.]+(?:[eE]-?[0-9]+)?)\s*$")
+EXPR = re.compile(r"^\s*(>=|<=|==|>|<)\s*(-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]+)?)\s*$")
 
 
 def _get(report: dict, path: str) -> Any:
@@ -72,9 +72,18 @@ def check_requirements(report: dict, require: dict[str, str]) -> list[dict]:
         value = METRICS[metric](report)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and _OPS[op](float(value), bound)
         out.append({"metric": metric, "require": expr, "value": value, "ok": bool(ok),
-                    "margin": (float(value) - bound) if isinstance(value, (int, float)) else None,
+                    "margin": _margin(op, float(value), bound) if isinstance(value, (int, float)) else None,
                     **({} if value is not None else {"note": "not measured in this run"})})
     return out
+
+
+def _margin(op: str, value: float, bound: float) -> float:
+    """How far the value is on the passing side of the bound (negative: by how much it fails)."""
+    if op in (">=", ">"):
+        return value - bound
+    if op in ("<=", "<"):
+        return bound - value
+    return -abs(value - bound)
 
 
 def _parse(expr: str) -> tuple[str, float]:

@@ -58,12 +58,20 @@ class Calibration:
     samples: int = field(32, help="number of calibration samples")
     seed: int = field(0, help="seed for random calibration data")
 
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+
 
 @dataclass(frozen=True)
 class Evaluate:
     source: str = field("auto", help="auto (the held-out set of a built-in model) | builtin:NAME | text-file:PATH | jsonl:PATH | safetensors:PATH")
     metric: str = field("auto", help="auto | accuracy | perplexity | embedding")
     samples: int = field(256, help="maximum number of evaluation samples")
+
+    def __post_init__(self) -> None:
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,10 @@ class Emit:
     def __post_init__(self) -> None:
         if not self.formats:
             raise ValueError("formats must name at least one of onnx, torch")
+        if not 14 <= self.opset <= 23:  # torch.onnx's dynamo exporter targets opset 18+; older ones convert down to 14
+            raise ValueError(f"opset must be between 14 and 23, got {self.opset}")
+        if self.atol <= 0:
+            raise ValueError(f"atol must be > 0, got {self.atol}")
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,15 @@ class Bench:
     min_seconds: float = field(1.0, help="minimum timed seconds per backend")
     threads: Optional[int] = field(None, help="intra-op threads (default: torch's current setting)")
     enabled: bool = field(True, help="set false to skip timing")
+
+    def __post_init__(self) -> None:
+        for name in ("warmup", "iters"):
+            if getattr(self, name) < (0 if name == "warmup" else 1):
+                raise ValueError(f"{name} must be >= {0 if name == 'warmup' else 1}, got {getattr(self, name)}")
+        if self.min_seconds < 0:
+            raise ValueError(f"min_seconds must be >= 0, got {self.min_seconds}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1 (or left out for torch's default), got {self.threads}")
 
 
 @dataclass(frozen=True)

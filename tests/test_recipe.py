@@ -58,6 +58,14 @@ def test_round_trip_through_lock(tmp_path):
     ("version: 1\nmodel: {inputs: {batch: 0}}\n", "batch must be >= 1"),
     ("version: 1\nrequire: {speedup: 'fast'}\n", "cannot parse 'fast'"),
     ("version: 1\nbench: [1]\n", "bench: expected a mapping, got a list"),
+    ("version: 1\nrequire: {speedup: '>= 1.2.3'}\n", "cannot parse '>= 1.2.3'"),
+    ("version: 1\nrequire: {speedup: '>= .'}\n", "cannot parse '>= .'"),
+    ("version: 1\nbench: {iters: 0}\n", "iters must be >= 1"),
+    ("version: 1\nbench: {warmup: -1}\n", "warmup must be >= 0"),
+    ("version: 1\nbench: {min_seconds: -2}\n", "min_seconds must be >= 0"),
+    ("version: 1\nbench: {threads: 0}\n", "threads must be >= 1"),
+    ("version: 1\nemit: {opset: 3}\n", "opset must be between 14 and 23"),
+    ("version: 1\ncalibration: {samples: 0}\n", "samples must be >= 1"),
 ])
 def test_bad_recipes(text, expected):
     with pytest.raises(RecipeError) as e:
