@@ -172,11 +172,26 @@ def _check_safetensors(path: Path) -> None:
 
 
 def _load_pt2(path: Path, task: Optional[str], source: str) -> LoadedModel:
+    import logging
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise IntakeError(f"{path}: not a torch.export archive (not a zip file)", "save it with torch.export.save(ep, 'model.pt2')")
+    # torch.export.load logs the real reason with a traceback, then raises a vague error: keep the
+    # reason for a one-line message and keep the traceback off the terminal.
+    log, seen = logging.getLogger("torch.export"), []
+    handler = logging.Handler()
+    handler.emit = lambda r: seen.append(str(r.exc_info[1]) if r.exc_info else r.getMessage())
+    handlers, propagate = log.handlers[:], log.propagate
+    log.handlers, log.propagate = [handler], False
     try:
         ep = torch.export.load(str(path))
     except Exception as e:
-        raise IntakeError(f"{path}: not a readable torch.export archive ({str(e).splitlines()[0]})",
+        why = (seen[0] if seen else str(e)).split("  (Could this")[0].splitlines()[0][:200]
+        raise IntakeError(f"{path}: not a readable torch.export archive ({why})",
                           "save it with torch.export.save(ep, 'model.pt2')") from e
+    finally:
+        log.handlers, log.propagate = handlers, propagate
     if task is None:
         raise IntakeError(f"{path}: a .pt2 file does not record its task", f"pass --task (one of {', '.join(TASKS)})")
     example = getattr(ep, "example_inputs", None)
@@ -223,7 +238,12 @@ def _load_factory(source: str, task: Optional[str], weights: Optional[str]) -> L
         raise IntakeError(f"{source}: the factory returned {type(built).__name__}, not an nn.Module",
                           "return an nn.Module, or (module, example_inputs_dict)")
     if weights:
-        built.load_state_dict(load_weights(Path(weights)), strict=True)
+        try:
+            built.load_state_dict(load_weights(Path(weights)), strict=True)
+        except RuntimeError as e:  # missing/unexpected keys or shape mismatches
+            first = " ".join(str(e).split())[:300]
+            raise IntakeError(f"{weights}: does not fit {source} ({first})",
+                              "pass the state dict saved from this model (model.state_dict())") from e
     config = _hf_config(built)
     task = task or _infer_task(config) or ("tensor" if example else None)
     if task is None:

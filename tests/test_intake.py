@@ -70,6 +70,30 @@ def test_module_factory_and_weights(tmp_path, monkeypatch):
     sys.modules.pop("mypkg_models", None)
 
 
+def test_weights_that_do_not_fit(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"nope.weight": torch.ones(2, 4)}, tmp_path / "w.safetensors")
+    with pytest.raises(IntakeError, match="does not fit") as e:
+        load_model(f"{HANDWRITTEN}:build", task="feature-extraction", weights=str(tmp_path / "w.safetensors"))
+    assert "\n" not in e.value.one_line()
+
+
+@pytest.mark.parametrize("content", [b"not a zip at all", None])
+def test_corrupt_pt2_is_one_line(tmp_path, content, capfd):
+    import zipfile
+
+    p = tmp_path / "m.pt2"
+    if content is None:  # a zip, but not a torch.export archive
+        with zipfile.ZipFile(p, "w") as z:
+            z.writestr("m/data.pkl", "junk")
+    else:
+        p.write_bytes(content)
+    with pytest.raises(IntakeError, match="torch.export archive"):
+        load_model(str(p), task="image-classification")
+    assert "Traceback" not in capfd.readouterr().err
+
+
 def test_pickle_checkpoint_refused(tmp_path):
     class Evil:
         def __reduce__(self):
