@@ -20,7 +20,7 @@ import torch
 
 from optcc import registry
 from optcc.bench import measure, peak_rss_mb
-from optcc.capture import capture, flat_outputs, primary_index, run_graph
+from optcc.capture import capture, flat_outputs, graph_snapshot, primary_index, run_graph
 from optcc.data import calibration, evaluation
 from optcc.evaluate import compare, metric_for, run_metric, strip
 from optcc.context import PassContext
@@ -226,10 +226,16 @@ def _apply(recipe: Recipe, recipe_path, source: str, prep: Prepared, out: Path, 
                       calibration=_cached(lambda: [prep.complete(b) for b in calibration(lm, recipe, _plain_ids(prep))]),
                       progress=_progress(on_event), cache=prep.cache, prefix=prep.prefix)
     if recipe.bench.enabled:
-        # ctx.inputs, not prep.inputs: a pass may change a decoder's cache layout (see PassContext.follow_cache)
-        ctx.time_graph = lambda g: measure({"g": lambda: g(**ctx.inputs)}, warmup=2, iters=5, min_seconds=0.3,
-                                           items=1)["g"]["p50_ms"]
-    captured = {**graph_stats(gm, prep.inputs), "latency_ms": ctx.time_graph(gm) if ctx.time_graph else None,
+        b = recipe.bench
+        ctx.time_graphs = lambda fns: {k: v["p50_ms"] for k, v in measure(
+            fns, warmup=b.warmup, iters=b.iters, min_seconds=b.min_seconds, items=1).items()}
+        # the captured graph (its nodes copied, weights shared) on its own inputs: each pass's graph is
+        # timed interleaved with it, so the waterfall's ratios hold on a noisy machine. ctx.inputs may
+        # change later (a pass can change a decoder's cache layout, see PassContext.follow_cache).
+        frozen, frozen_inputs = graph_snapshot(gm), dict(ctx.inputs)
+        ctx.captured_run = lambda: frozen(**frozen_inputs)
+    captured = {**graph_stats(gm, prep.inputs),
+                "latency_ms": ctx.time_graphs({"captured": ctx.captured_run})["captured"] if ctx.time_graphs else None,
                 "task_metric": base_metric and strip(compare(base_metric, base_metric))}
     if evalset is not None:
         ctx.evaluate = lambda g: strip(compare(base_metric, run_metric(evalset, _fitted(lambda b: run_graph(g, b), prep.cache and prep.cache.follow(g)), prep.primary)))

@@ -69,3 +69,15 @@ def primary_index(out: Any) -> int:
 def run_graph(gm: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
     with torch.no_grad():
         return flat_outputs(gm(**inputs))
+
+
+def graph_snapshot(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """A GraphModule with a copy of gm's graph and gm's own weights (shared, not copied):
+    what a graph looked like before a pass edits it in place, e.g. to time against."""
+    import copy
+    import warnings
+
+    with warnings.catch_warnings():  # deep-copying the graph's pytree specs warns about torch's own deprecations
+        warnings.simplefilter("ignore", FutureWarning)
+        graph = copy.deepcopy(gm.graph)
+    return torch.fx.GraphModule(gm, graph)

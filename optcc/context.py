@@ -28,7 +28,9 @@ class PassContext:
     progress: ProgressFn = _no_progress  # passes report progress through this, never print
     history: list[str] = field(default_factory=list)  # names of the passes that already ran
     evaluate: Optional[Callable[[fx.GraphModule], dict]] = None  # task metric of a graph, when data exist
-    time_graph: Optional[Callable[[fx.GraphModule], float]] = None  # p50 ms of a graph, when benchmarking
+    # when the recipe benchmarks: time callables interleaved with the recipe's bench settings → p50 ms by name
+    time_graphs: Optional[Callable[[dict[str, Callable[[], object]]], dict[str, float]]] = None
+    captured_run: Optional[Callable[[], object]] = None  # the captured graph on its own inputs, timed beside each pass
     cache: Optional[CacheSpec] = None  # decoder graphs: the cache layout `inputs` and calibration batches follow
     prefix: Optional[torch.Tensor] = None  # decoder graphs: the tokens whose cache `inputs` carry [B, P]
 

@@ -72,6 +72,8 @@ def run_passes(
         names_before = {e["name"] for e in snap_before}
         names_after = {e["name"] for e in snap_after}
         after = graph_stats(gm, ctx.inputs)
+        timing = (ctx.time_graphs({"captured": ctx.captured_run, "graph": lambda: gm(**ctx.inputs)})
+                  if ctx.time_graphs and ctx.captured_run else None)
         records.append({
             "name": step.name,
             "step": i,
@@ -85,7 +87,9 @@ def run_passes(
             "seconds": round(seconds, 4),
             "stats": result.stats,
             "task_metric": ctx.evaluate(gm) if ctx.evaluate else None,
-            "latency_ms": ctx.time_graph(gm) if ctx.time_graph else None,
+            "latency_ms": timing and timing["graph"],
+            # p50 of the captured graph over p50 of this one, timed interleaved in the same run
+            "speedup_vs_captured": timing and timing["captured"] / timing["graph"],
             "blocks": per_block(snap_before, snap_after),
             "graph_diff": diff_lines(snap_before, snap_after),  # moved to out/graphs/ by the writer
         })

@@ -10,7 +10,6 @@ Math in optcc/quant.py; ops in optcc/qops.py; docs in docs/quantize.md.
 """
 from __future__ import annotations
 
-import copy
 import math
 import re
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from optcc import qops, quant  # noqa: F401  (qops registers the optcc:: ops)
-from optcc.bench import measure
+from optcc.capture import graph_snapshot
 from optcc.context import PassContext
 from optcc.errors import PassError
 from optcc.probe import record
@@ -310,9 +309,8 @@ _KERNELS["int4-awq"] = _KERNELS["int4-weight-only"]
 
 
 def _timing(orig: fx.GraphModule, gm: fx.GraphModule, ctx: PassContext) -> dict:
-    res = measure({"fp32": lambda: orig(**ctx.inputs), "quantized": lambda: gm(**ctx.inputs)},
-                  warmup=2, iters=5, min_seconds=0.3, items=1, max_seconds=30.0)
-    fp, q = res["fp32"]["p50_ms"], res["quantized"]["p50_ms"]
+    res = ctx.time_graphs({"fp32": lambda: orig(**ctx.inputs), "quantized": lambda: gm(**ctx.inputs)})
+    fp, q = res["fp32"], res["quantized"]
     return {"fp32_p50_ms": round(fp, 3), "quantized_p50_ms": round(q, 3), "speedup": round(fp / q, 3),
             "threads": torch.get_num_threads()}
 
@@ -391,7 +389,7 @@ def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
             raise PassError(f"group_size {cfg.group_size} does not divide in_features {li.in_features} of {li.path}",
                             f"use a group_size that divides it (e.g. {', '.join(map(str, ok))}) or exclude the layer")
     # the unquantized graph (sharing weights), to time against; only when the recipe benchmarks
-    orig = fx.GraphModule(gm, copy.deepcopy(gm.graph)) if cfg.measure and ctx.time_graph else None
+    orig = graph_snapshot(gm) if cfg.measure and ctx.time_graphs else None
     grps = groups(gm, targets)
     scales, clips, extra = {}, {}, {}
     if cfg.smooth is not None or cfg.scheme == "int4-awq":
