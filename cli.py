@@ -13,7 +13,7 @@ from typing import Callable, Optional
 
 import typer
 
-from optcc.errors import OptccError, RequirementError
+from optcc.errors import OptccError, RecipeError, RequirementError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="optcc: rewrite trained PyTorch models for deployment, from a YAML recipe.")
@@ -76,8 +76,8 @@ def apply(
 def _show(report: dict, as_json: bool, out: Path) -> None:
     from optcc.render import console, report_tables
 
-    if as_json:
-        typer.echo(json.dumps(report, indent=2))
+    if as_json:  # exactly the report.json that was written (artifact paths relative to the folder)
+        typer.echo((out / "report.json").read_text().rstrip("\n"))
         return
     con = console()
     for t in report_tables(report):
@@ -89,29 +89,37 @@ def _show(report: dict, as_json: bool, out: Path) -> None:
 @app.command()
 def diff(
     out: Path = typer.Argument(..., help="output folder of `optcc apply`"),
-    other: Optional[Path] = typer.Argument(None, help="a second output folder to compare with"),
+    others: Optional[list[Path]] = typer.Argument(None, help="more output folders to compare with (e.g. a sweep over r)"),
     pass_name: Optional[str] = typer.Option(None, "--pass", help="only this pass (name or step number)"),
     graph: bool = typer.Option(False, "--graph", help="node-level diff of the graph (removed red, added green)"),
     block: Optional[str] = typer.Option(None, help="with --graph: only nodes of this block, e.g. model.layers.3"),
+    plot: Optional[Path] = typer.Option(None, help="with several runs: write a speedup-vs-fidelity HTML plot here"),
     as_json: bool = typer.Option(False, "--json", help="print the pass records as JSON"),
     debug: bool = typer.Option(False, help="show tracebacks"),
 ) -> None:
-    """Show what each pass changed: per block, totals, and a speed/fidelity waterfall."""
+    """Show what each pass changed: per block, totals, and a speed/fidelity waterfall; or compare runs."""
     from optcc import diffview
     from optcc.render import console
 
     def go() -> None:
         report = diffview.load_run(out)
         con = console()
-        if other is not None:
-            second = diffview.load_run(other)
+        if others:
+            runs = [(str(out), report)] + [(str(o), diffview.load_run(o)) for o in others]
+            if plot is not None:
+                plot.write_text(diffview.sweep_html(runs))
             if as_json:
-                typer.echo(json.dumps({str(out): report["passes"], str(other): second["passes"]}, indent=2))
+                typer.echo(json.dumps({name: {"passes": r["passes"], "points": diffview.sweep_points([(name, r)])}
+                                       for name, r in runs}, indent=2))
                 return
-            con.print(diffview.compare_runs(report, second, str(out), str(other)))
+            con.print(diffview.compare_runs(runs))
+            if plot is not None:
+                typer.echo(f"wrote {plot}", err=True)
             return
+        if plot is not None:
+            raise RecipeError("--plot compares several runs", f"name more output folders, or open {out / 'waterfall.html'}")
         if as_json:
-            typer.echo(json.dumps([p for p in report["passes"] if pass_name in (None, p["name"], str(p["step"]))], indent=2))
+            typer.echo(json.dumps(diffview.select_passes(report, pass_name), indent=2))
         elif graph:
             con.print(diffview.graph_diff(out, report, pass_name, block))
         else:

@@ -21,16 +21,20 @@ def load_run(out: Path) -> dict:
     if not path.exists():
         raise RecipeError(f"{out}: no report.json here", "pass the output folder of `optcc apply`")
     try:
-        return json.loads(path.read_text())
+        report = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise RecipeError(f"{path}: not valid JSON ({e})", "re-run `optcc apply`") from e
+    if not isinstance(report, dict) or report.get("optcc_report") != 1 or "passes" not in report:
+        raise RecipeError(f"{path}: not an optcc report", "pass the output folder of `optcc apply`")
+    return report
 
 
 def _f(x: Any, d: int = 4) -> str:
     return "—" if x is None else (f"{x:.{d}g}" if isinstance(x, float) else str(x))
 
 
-def _select(report: dict, name: Optional[str]) -> list[dict]:
+def select_passes(report: dict, name: Optional[str]) -> list[dict]:
+    """The pass records named by --pass (a name or a step number); all of them for None."""
     recs = report["passes"]
     if name is None:
         return recs
@@ -43,7 +47,7 @@ def _select(report: dict, name: Optional[str]) -> list[dict]:
 
 def pass_sections(report: dict, name: Optional[str] = None) -> list[Panel]:
     out = []
-    for p in _select(report, name):
+    for p in select_passes(report, name):
         t = Table(box=None, pad_edge=False)
         for c in ("block", "nodes", "removed", "added"):
             t.add_column(c, justify="left" if c == "block" else "right")
@@ -73,7 +77,7 @@ def waterfall_rows(report: dict) -> list[dict]:
     for p in report["passes"]:
         ms = p.get("latency_ms")
         rows.append({"step": f"{p['step']}. {p['name']}", "latency_ms": ms,
-                     "speedup": base_ms / ms if base_ms and ms else None, "cosine": p["fidelity"]["cosine_mean"],
+                     "speedup": p.get("speedup_vs_captured"), "cosine": p["fidelity"]["cosine_mean"],
                      "task": (p.get("task_metric") or {}).get("value"), "flops": p["after"]["flops"]})
     lat = report.get("latency") or {}
     for backend, v in (lat.get("optimized") or {}).items():
@@ -98,7 +102,7 @@ def waterfall_table(report: dict) -> Table:
 
 def graph_diff(out: Path, report: dict, name: Optional[str], block: Optional[str]) -> Text:
     text = Text()
-    for p in _select(report, name):
+    for p in select_passes(report, name):
         path = out / p["graph_diff"] if p.get("graph_diff") else None
         text.append(f"pass {p['step']}: {p['name']}\n", style="bold")
         if path is None or not path.exists():
@@ -123,31 +127,88 @@ def graph_diff(out: Path, report: dict, name: Optional[str], block: Optional[str
     return text
 
 
-def compare_runs(a: dict, b: dict, name_a: str, name_b: str) -> Table:
-    t = Table(title="two runs")
+def _get(r: dict, *path: str) -> Any:
+    cur: Any = r
+    for p in path:
+        cur = cur.get(p) if isinstance(cur, dict) else None
+    return cur
+
+
+def compare_runs(runs: list[tuple[str, dict]]) -> Table:
+    """Runs side by side (e.g. several recipes on one model): one column per run."""
+    t = Table(title=f"{len(runs)} runs")
     t.add_column("metric")
-    t.add_column(name_a, justify="right")
-    t.add_column(name_b, justify="right")
-    def get(r, *path):
-        cur = r
-        for p in path:
-            cur = cur.get(p) if isinstance(cur, dict) else None
-        return cur
+    for name, _ in runs:
+        t.add_column(name, justify="right")
     rows = [("model", ("model", "source")), ("passes", None), ("speedup", ("latency", "speedup")),
             ("best backend", ("latency", "best_backend")), ("best p50 ms", ("latency", "best", "p50_ms")),
             ("cosine mean", ("fidelity", "cosine_mean")), ("top-1 agreement", ("fidelity", "top1_agreement")),
-            ("task metric", ("task_metric", "optimized")), ("params", None), ("artifact bytes", None)]
+            ("task metric", ("task_metric", "optimized")), ("params", None), ("GFLOPs", None), ("artifact bytes", None)]
     for label, path in rows:
-        if label == "passes":
-            va, vb = (" → ".join(p["name"] for p in r["passes"]) or "none" for r in (a, b))
-        elif label == "params":
-            va, vb = (f"{r['passes'][-1]['after']['params']:,}" if r["passes"] else f"{r['model']['params']:,}" for r in (a, b))
-        elif label == "artifact bytes":
-            va, vb = (", ".join(f"{x['format']} {x['bytes']:,}" for x in r["artifacts"]) for r in (a, b))
-        else:
-            va, vb = (_f(get(r, *path)) for r in (a, b))
-        t.add_row(label, va, vb)
+        cells = []
+        for _, r in runs:
+            last = r["passes"][-1]["after"] if r["passes"] else r.get("captured") or {}
+            if label == "passes":
+                cells.append(" → ".join(p["name"] for p in r["passes"]) or "none")
+            elif label == "params":
+                cells.append(f"{last.get('params', r['model']['params']):,}")
+            elif label == "GFLOPs":
+                cells.append(_f(last["flops"] / 1e9 if last.get("flops") else None))
+            elif label == "artifact bytes":
+                cells.append(", ".join(f"{x['format']} {x['bytes']:,}" for x in r["artifacts"]))
+            else:
+                cells.append(_f(_get(r, *path)))
+        t.add_row(label, *cells)
     return t
+
+
+def sweep_points(runs: list[tuple[str, dict]]) -> list[dict]:
+    """One point per run and artifact backend: speedup vs eager torch against output cosine (and task metric)."""
+    pts = []
+    for name, r in runs:
+        lat = r.get("latency") or {}
+        for backend, sp in (lat.get("speedup_by_backend") or {}).items():
+            fmt = "torch" if backend == "torch" else "onnx"
+            fid = r["fidelity"]["by_artifact"].get(fmt, {})
+            task = ((r.get("task_metric") or {}).get("by_artifact") or {}).get(fmt, {})
+            pts.append({"run": name, "backend": backend, "speedup": sp, "cosine": fid.get("cosine_mean"),
+                        "task": task.get("value")})
+    return pts
+
+
+def sweep_html(runs: list[tuple[str, dict]]) -> str:
+    """A self-contained HTML page: speedup (x) against output cosine (y), one dot per run and backend."""
+    pts = [p for p in sweep_points(runs) if p["cosine"] is not None]
+    if not pts:
+        raise RecipeError("none of these runs was benchmarked", "run `optcc apply` with bench enabled")
+    w, h, pad = 640, 400, 60
+    xs, ys = [p["speedup"] for p in pts], [p["cosine"] for p in pts]
+    x0, x1 = min(xs + [1.0]) * 0.95, max(xs) * 1.05
+    y0, y1 = min(ys) - 0.001, 1.0 + 0.0005
+    sx = lambda v: pad + (w - 2 * pad) * (v - x0) / ((x1 - x0) or 1)
+    sy = lambda v: h - pad - (h - 2 * pad) * (v - y0) / ((y1 - y0) or 1)
+    colors = {"torch": "#264653", "onnxruntime": "#e76f51"}
+    dots = []
+    for p in pts:
+        label = html.escape(f"{p['run']} ({p['backend']}): {p['speedup']:.2f}x, cos {p['cosine']:.5f}"
+                            + (f", task {_f(p['task'])}" if p["task"] is not None else ""))
+        dots.append(f"<circle cx='{sx(p['speedup']):.1f}' cy='{sy(p['cosine']):.1f}' r='6' fill='{colors.get(p['backend'], '#888')}'>"
+                    f"<title>{label}</title></circle><text x='{sx(p['speedup']) + 9:.1f}' y='{sy(p['cosine']) + 4:.1f}' "
+                    f"font-size='11'>{html.escape(p['run'])}</text>")
+    axes = (f"<line x1='{pad}' y1='{h - pad}' x2='{w - pad}' y2='{h - pad}' stroke='#333'/>"
+            f"<line x1='{pad}' y1='{pad}' x2='{pad}' y2='{h - pad}' stroke='#333'/>"
+            f"<line x1='{sx(1.0):.1f}' y1='{pad}' x2='{sx(1.0):.1f}' y2='{h - pad}' stroke='#bbb' stroke-dasharray='4'/>"
+            f"<text x='{w / 2}' y='{h - 20}' font-size='12' text-anchor='middle'>speedup vs eager torch (p50)</text>"
+            f"<text x='15' y='{h / 2}' font-size='12' transform='rotate(-90 15 {h / 2})' text-anchor='middle'>output cosine vs original</text>"
+            + "".join(f"<text x='{sx(v):.1f}' y='{h - pad + 16}' font-size='10' text-anchor='middle'>{v:.2f}</text>"
+                      for v in (x0, (x0 + x1) / 2, x1))
+            + "".join(f"<text x='{pad - 6}' y='{sy(v) + 3:.1f}' font-size='10' text-anchor='end'>{v:.4f}</text>"
+                      for v in (y0, (y0 + y1) / 2, y1)))
+    legend = " · ".join(f"<span style='color:{c}'>●</span> {b}" for b, c in colors.items())
+    return (f"<!doctype html><meta charset='utf-8'><title>optcc sweep</title>"
+            f"<h3 style='font-family:sans-serif'>optcc: speedup vs fidelity, {len(runs)} runs</h3>"
+            f"<p style='font-family:sans-serif;font-size:13px'>{legend}</p>"
+            f"<svg xmlns='http://www.w3.org/2000/svg' width='{w}' height='{h}' font-family='sans-serif'>{axes}{''.join(dots)}</svg>\n")
 
 
 def waterfall_html(report: dict) -> str:

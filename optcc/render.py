@@ -2,7 +2,7 @@
 nothing here computes a number."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
@@ -131,5 +131,6 @@ def passes_table(passes: list[dict]) -> Table:
     return t
 
 
-def console(stderr: bool = False, force_plain: Optional[bool] = None) -> Console:
+def console(stderr: bool = False) -> Console:
+    """Rich console; rich itself drops colour and live displays when the stream is not a TTY."""
     return Console(stderr=stderr, highlight=False, soft_wrap=False)

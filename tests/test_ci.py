@@ -98,6 +98,7 @@ def test_pass_records_and_diff_views(run):
     assert rec["blocks"] and all(b["removed"] > 0 for b in rec["blocks"])
     assert (out / rec["graph_diff"]).read_text().count("-dropout") > 0
     assert rec["latency_ms"] > 0 and report["captured"]["latency_ms"] > 0
+    assert rec["speedup_vs_captured"] > 0  # timed interleaved with the captured graph (no timing claim here)
     assert (out / "waterfall.html").read_text().startswith("<!doctype html>")
     p = optcc("diff", out)
     assert p.returncode == 0 and "pass 1: cleanup" in p.stdout and "vit.layers.0" in p.stdout and "waterfall" in p.stdout
@@ -105,10 +106,18 @@ def test_pass_records_and_diff_views(run):
     assert p.returncode == 0 and "-dropout" in p.stdout and "# vit.layers.0" not in p.stdout
     p = optcc("diff", out, "--json", "--pass", "cleanup")
     assert json.loads(p.stdout)[0]["name"] == "cleanup"
-    p = optcc("diff", out, out)
-    assert p.returncode == 0 and "two runs" in p.stdout
-    p = optcc("diff", out, "--pass", "quantize")
-    assert p.returncode == 2 and "no such pass" in p.stderr
+    p = optcc("diff", out, out, out, "--plot", out.parent / "sweep.html")
+    assert p.returncode == 0 and "3 runs" in p.stdout, p.stderr
+    page = (out.parent / "sweep.html").read_text()
+    assert page.startswith("<!doctype html>") and page.count("<circle") == 3 * len(report["latency"]["speedup_by_backend"])
+    for args in (("--pass", "quantize"), ("--json", "--pass", "quantize")):
+        p = optcc("diff", out, *args)
+        assert p.returncode == 2 and "no such pass" in p.stderr
+    p = optcc("diff", out, "--plot", out.parent / "x.html")
+    assert p.returncode == 2 and "several runs" in p.stderr
+    (out.parent / "other.json").write_text("{}")
+    p = optcc("diff", out.parent / "other.json")
+    assert p.returncode == 2 and "not an optcc report" in p.stderr
 
 
 def test_embedding_gates_read_the_worst_artifact():
