@@ -49,14 +49,16 @@ def pass_sections(report: dict, name: Optional[str] = None) -> list[Panel]:
     out = []
     for p in select_passes(report, name):
         t = Table(box=None, pad_edge=False)
-        for c in ("block", "nodes", "removed", "added"):
+        for c in ("block", "nodes", "removed", "added", "rewired", "weight bytes"):
             t.add_column(c, justify="left" if c == "block" else "right")
         for b in p.get("blocks", []):
             t.add_row(b["block"], f"{b['nodes_before']} → {b['nodes_after']}",
                       f"[red]−{b['removed']}[/red]" if b["removed"] else "0",
-                      f"[green]+{b['added']}[/green]" if b["added"] else "0")
+                      f"[green]+{b['added']}[/green]" if b["added"] else "0",
+                      f"[yellow]~{b['rewired']}[/yellow]" if b.get("rewired") else "0",
+                      f"{b['bytes_before']:,} → {b['bytes_after']:,}" if "bytes_before" in b else "—")
         if not p.get("blocks"):
-            t.add_row("(no node changed)", "", "", "")
+            t.add_row("(no node changed)", "", "", "", "", "")
         before, after = p["before"], p["after"]
         totals = Text.from_markup(
             f"params {before['params']:,} → {after['params']:,}   bytes {before['param_bytes']:,} → {after['param_bytes']:,}   "

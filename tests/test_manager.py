@@ -124,3 +124,39 @@ def test_ordering_constraint_checked_at_load(temp_pass):
         parse_recipe("version: 1\npasses:\n  - cleanup: {}\n  - test_late: {}\n", "r.yaml")
     finally:
         registry._REGISTRY.pop("test_late", None)
+
+
+def test_per_block_counts_removed_added_rewired_and_bytes():
+    from optcc.graphdiff import per_block, snapshot
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(4, 4))
+
+        def forward(self, x):
+            return torch.relu(x @ self.w) + x
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = torch.nn.ModuleList([Block(), Block()])
+
+        def forward(self, x):
+            for b in self.layers:
+                x = b(x)
+            return x
+
+    gm = torch.export.export(Net(), (torch.randn(2, 4),)).module()
+    before = snapshot(gm)
+    relu = next(n for n in gm.graph.nodes if n.op == "call_function" and "relu" in str(n.target)
+                and "layers.1" in str(n.meta.get("nn_module_stack", "")))
+    relu.replace_all_uses_with(relu.args[0])  # block 1: relu's consumer now reads the matmul (rewired)
+    gm.graph.erase_node(relu)
+    gm.get_submodule("layers.1").w = torch.nn.Parameter(torch.ones(4, 4, dtype=torch.float16))  # half the bytes
+    gm.recompile()
+    rows = {r["block"]: r for r in per_block(before, snapshot(gm))}
+    assert list(rows) == ["layers.1"]
+    r = rows["layers.1"]
+    assert (r["removed"], r["added"], r["rewired"]) == (1, 0, 1)
+    assert (r["bytes_before"], r["bytes_after"]) == (64, 32)
