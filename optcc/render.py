@@ -58,6 +58,7 @@ def report_tables(r: dict) -> list[Any]:
                   f"{p['before']['flops'] / 1e9:.3f} → {p['after']['flops'] / 1e9:.3f}",
                   _f(p["fidelity"]["cosine_mean"], 6), *task, _f(p["seconds"], 2))
     out.append(t)
+    out += [_scores_table(p) for p in r["passes"] if (p.get("stats") or {}).get("scores")]
     t = Table(title="artifacts")
     for c in ("format", "path", "size", "sha256"):
         t.add_column(c)
@@ -80,6 +81,21 @@ def report_tables(r: dict) -> list[Any]:
                       "[green]yes[/green]" if q["ok"] else "[red]NO[/red]")
         out.append(t)
     return out
+
+
+def _scores_table(p: dict) -> Table:
+    """A pass's candidate scores (e.g. layer_skip's block influence), the chosen ones marked."""
+    st = p["stats"]
+    removed = set(st.get("removed_indices") or [])
+    if st.get("metric") == "angular_distance" and removed:  # candidates are runs, named by their first block
+        removed = {min(removed)}
+    metric = st.get("metric", "score").replace("_", " ")
+    t = Table(title=f"{p['name']} (pass {p['step']}): candidates", caption="lowest scores go first")
+    for c in ("#", "candidate", metric, "removed"):
+        t.add_column(c, justify="left" if c == "candidate" else "right")
+    for c in st["scores"]:
+        t.add_row(str(c["index"]), c["name"], f"{c['score']:.4f}", "[red]yes[/red]" if c["index"] in removed else "")
+    return t
 
 
 def structure_tree(name: str, task: str, s: Structure) -> Tree:

@@ -328,3 +328,14 @@ bench: {enabled: false}
     assert {a["format"] for a in on_disk["artifacts"]} == {"onnx", "torch"}
     assert r["fidelity"]["by_artifact"]["onnx"]["finite"] and math.isfinite(r["fidelity"]["cosine_mean"])
     assert rec["after"]["params"] < rec["before"]["params"] and rec["after"]["flops"] < rec["before"]["flops"]
+    # the terminal shows every candidate's score, the removed one marked
+    from rich.console import Console
+    from optcc.render import report_tables
+
+    con = Console(record=True, width=200)
+    for t in report_tables(on_disk):
+        con.print(t)
+    text = con.export_text()
+    assert "layer_skip (pass 1): candidates" in text and "block influence" in text
+    row = next(line for line in text.splitlines() if st["removed"][0] in line and "yes" in line)
+    assert f"{next(c['score'] for c in st['scores'] if c['name'] == st['removed'][0]):.4f}" in row
