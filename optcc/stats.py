@@ -59,7 +59,8 @@ _PURE_AT_INFERENCE = {torch.ops.aten.scaled_dot_product_attention.default, torch
                       torch.ops.aten._assert_tensor_metadata.default}
 
 
-def _is_impure(n: fx.Node) -> bool:
+def is_impure_at_inference(n: fx.Node) -> bool:
+    """DCE's impurity test for eval graphs (see _PURE_AT_INFERENCE)."""
     if n.op == "call_function" and n.target in _PURE_AT_INFERENCE:
         return False
     return n.is_impure(impure_random=False)
@@ -68,7 +69,7 @@ def _is_impure(n: fx.Node) -> bool:
 def prune_unused(gm: fx.GraphModule) -> None:
     """Dead-code elimination, then drop parameters/buffers no get_attr reads any more
     (so removed layers' weights really leave the artifact)."""
-    gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+    gm.graph.eliminate_dead_code(is_impure_node=is_impure_at_inference)
     used = used_attrs(gm)
     for name, _ in list(gm.named_parameters(remove_duplicate=False)) + list(gm.named_buffers(remove_duplicate=False)):
         if name in used:

@@ -27,9 +27,9 @@ from typing import Literal, Optional
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-import torch.utils._pytree as pytree
 
 from optcc import kvmath
+from optcc.cacheio import CacheIO, retarget_sizes
 from optcc.context import PassContext
 from optcc.errors import PassError
 from optcc.probe import record
@@ -113,65 +113,6 @@ class Config:
 # ---------------------------------------------------------------------------- cache I/O
 
 
-class CacheIO:
-    """The decoder graph's cache: past placeholders by slot name and the matching present leaves
-    (outputs mirror inputs by position: logits, then one present per past, see optcc/decoder.py)."""
-
-    def __init__(self, gm: fx.GraphModule) -> None:
-        self.gm = gm
-        self.output = next(n for n in gm.graph.nodes if n.op == "output")
-        leaves = list(self.output.args[0])
-        places = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self.plain = [n for n in places if not n.name.startswith("past_")]
-        pasts = [n for n in places if n.name.startswith("past_")]
-        if not pasts or len(leaves) != 1 + len(pasts):
-            raise PassError(f"kv_share needs a decoder graph whose cache outputs mirror its cache inputs "
-                            f"(found {len(pasts)} cache inputs and {len(leaves)} outputs)",
-                            "use task text-generation, which captures the explicit-cache form (docs/generation.md)")
-        self.head = leaves[0]
-        self.past = {n.name[len("past_"):]: n for n in pasts}
-        self.present = {name: leaf for name, leaf in zip(self.past, leaves[1:])}
-
-    def rebuild(self, slots: list[tuple[fx.Node, fx.Node]]) -> None:
-        """Make (past placeholder, present node) pairs the graph's whole cache, in this order;
-        placeholders no longer listed are removed (after their last uses went away)."""
-        g = self.gm.graph
-        keep = [p for p, _ in slots]
-        self.output.args = ((self.head, *[leaf for _, leaf in slots]),)
-        g.eliminate_dead_code()
-        for n in self.past.values():
-            if n not in keep:
-                if n.users:
-                    raise PassError(f"{n.name} is still read by {next(iter(n.users)).name} after kv_share",
-                                    "this is a bug in kv_share; run with --debug")
-                g.erase_node(n)
-        prev = self.plain[-1]
-        for p in keep:  # placeholders come first, in signature order
-            prev.append(p)
-            prev = p
-        _sync_signature(self.gm)
-
-
-def _sync_signature(gm: fx.GraphModule) -> None:
-    """torch.export graphs flatten (args, kwargs) with a recorded pytree spec; make it name the
-    current placeholders and output leaves."""
-    cg = gm.graph._codegen
-    if isinstance(cg, fx.graph._PyTreeCodeGen):
-        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-        leaves = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-        cg.pytree_info = cg.pytree_info._replace(
-            orig_args=names, in_spec=pytree.tree_structure(((), {k: 0 for k in names})),
-            out_spec=pytree.tree_structure(tuple(0 for _ in leaves)))
-    gm.recompile()
-
-
-def _retarget_sizes(node: fx.Node, to: fx.Node) -> None:
-    """Shape reads of a removed cache input (batch, past length) read a kept one instead."""
-    for u in list(node.users):
-        if u.target == aten.sym_size.int and u.args[1] in (0, 2):
-            u.replace_input_with(node, to)
-
-
 def _layers(gm: fx.GraphModule, ctx: PassContext) -> dict[int, Attention]:
     s = ctx.structure(gm)
     out = {}
@@ -183,19 +124,6 @@ def _layers(gm: fx.GraphModule, ctx: PassContext) -> dict[int, Attention]:
         raise PassError("kv_share found no attention reading an explicit KV cache (past_key_i / past_value_i)",
                         "use a decoder with task text-generation; `optcc inspect MODEL` shows the cache slots")
     return dict(sorted(out.items()))
-
-
-def _kv_bytes(io: CacheIO, retain: float = 0.0) -> float:
-    """Cache bytes per token and batch row, from the graph's cache inputs (retained slots: expected share)."""
-    total = 0.0
-    for n in io.past.values():
-        v = n.meta["val"]
-        b = int(v.shape[1]) * int(v.shape[3]) * v.element_size()
-        total += b * retain if n.meta.get("cache_length", "past") != "past" else b
-    return total
-
-
-# ---------------------------------------------------------------------------- share
 
 
 def _check_pair(attn: dict[int, Attention], io: CacheIO, i: int, j: int) -> None:
@@ -275,7 +203,7 @@ def _share(gm: fx.GraphModule, io: CacheIO, pairs: list[tuple[int, int]], attn: 
     for i, j in pairs:
         for kind in ("key", "value"):
             io.present[f"{kind}_{j}"].replace_all_uses_with(io.present[f"{kind}_{i}"])
-            _retarget_sizes(io.past[f"{kind}_{j}"], io.past[f"{kind}_{i}"])
+            retarget_sizes(io.past[f"{kind}_{j}"], io.past[f"{kind}_{i}"])
             gone.add(f"{kind}_{j}")
     io.rebuild([(io.past[k], io.present[k]) for k in io.past if k not in gone])
     shrunk = []
@@ -425,7 +353,7 @@ def _merge(gm: fx.GraphModule, io: CacheIO, pairs: list[tuple[int, int]], t: flo
             xi = g.call_function(operator.getitem, (restored, 0))
             xj = g.call_function(operator.getitem, (restored, 1))
         for old, x in ((pi, xi), (pj, xj)):
-            _retarget_sizes(old, new[0])
+            retarget_sizes(old, new[0])
             old.replace_all_uses_with(x)
         with g.inserting_before(io.output):
             merged = g.call_function(kvmath.merge, (io.present[name], io.present[f"{kind}_{j}"], t, retain))
@@ -461,13 +389,13 @@ def _order(g: fx.Graph):
 @register("kv_share", Config, summary="share (CLA) or merge (MiniCache) the KV cache across decoder layers",
           after=("layer_skip",), tasks=("text-generation",))
 def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
-    io = CacheIO(gm)
+    io = CacheIO(gm, "kv_share")
     attn = _layers(gm, ctx)
     missing = [l for l in attn if f"key_{l}" not in io.past or f"value_{l}" not in io.past]
     if missing:
         raise PassError(f"kv_share: layer {missing[0]}'s cache was already changed by an earlier pass",
                         "run kv_share once, before passes that change the cache")
-    before = _kv_bytes(io)
+    before = io.kv_bytes()
     stats: dict = {"mode": cfg.mode, "layers": len(attn)}
     if cfg.mode == "merge":
         n = len(attn)
@@ -480,7 +408,7 @@ def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
             _check_pair(attn, io, i, j)
         _merge(gm, io, pairs, cfg.t, cfg.retain)
         stats.update({"merged_pairs": [list(p) for p in pairs], "t": cfg.t, "retain": cfg.retain})
-        after = _kv_bytes(CacheIO(gm), cfg.retain)
+        after = CacheIO(gm, "kv_share").kv_bytes(cfg.retain)
     else:
         sim = None
         if cfg.select == "similarity":
@@ -497,10 +425,10 @@ def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
         stats.update({"pairs": [list(p) for p in pairs], "consumers_without_kv_projections": [attn[j].path for _, j in pairs]})
         if sim is not None:
             stats["pair_similarity"] = [round(float(sim[i, j]), 4) for i, j in pairs]
-        after = _kv_bytes(CacheIO(gm))
+        after = CacheIO(gm, "kv_share").kv_bytes()
         if cfg.heal:
             batches, source = _prefill_batches(ctx)
-            stats["heal"] = {"calibration": source, **_heal(gm, teacher, batches, cfg.heal, ctx, set(CacheIO(gm).past))}
+            stats["heal"] = {"calibration": source, **_heal(gm, teacher, batches, cfg.heal, ctx, set(CacheIO(gm, "kv_share").past))}
     stats["kv_bytes_per_token"] = {"before": before, "after": after, "ratio": round(after / before, 4)}
-    stats["cache_slots"] = list(CacheIO(gm).past)
+    stats["cache_slots"] = list(CacheIO(gm, "kv_share").past)
     return PassResult(gm, modified=True, stats=stats)

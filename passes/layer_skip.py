@@ -26,14 +26,15 @@ import torch
 import torch.fx as fx
 
 from optcc import influence
+from optcc.cacheio import CacheIO
 from optcc.context import PassContext
 from optcc.errors import PassError
 from optcc.probe import record
 from optcc.registry import PassResult, register
 from optcc.schema import field
+from optcc.stats import is_impure_at_inference
 from optcc.structure import LINEAR, NORM_OPS, Block, Structure, module_classes, module_path, module_paths
 
-aten = torch.ops.aten
 SELECTS = ("influence", "angular", "explicit")
 GRANULARITIES = ("block", "attention", "mlp")
 DEFAULT_RATIO = 0.25  # ShortGPT's operating point: ~25% of Llama-2 layers at ~92% of benchmark quality
@@ -287,85 +288,30 @@ def _select(gm, ctx, s: Structure, cfg: Config, cuts: list[Cut], keep: set[int])
 # ---------------------------------------------------------------------------- surgery
 
 
-def _drop_dead_asserts(gm: fx.GraphModule) -> None:
-    """Export leaves side-effecting tensor-metadata asserts that DCE never removes;
-    those reading a skipped layer would keep it (and its weights) alive."""
-    live: set[fx.Node] = set()
-    roots = [n for n in gm.graph.nodes if n.op == "output" or (n.is_impure() and n.target != aten._assert_tensor_metadata.default)]
-    todo = list(roots)
-    while todo:
-        n = todo.pop()
-        if n not in live:
-            live.add(n)
-            todo.extend(n.all_input_nodes)
-    for n in list(gm.graph.nodes):
-        if n.target == aten._assert_tensor_metadata.default and not any(a in live for a in n.all_input_nodes):
-            gm.graph.erase_node(n)
-
-
-def _reads_values_of(leaf: fx.Node, source: fx.Node) -> bool:
-    """Whether `leaf` depends on the values of `source`, following tensor edges only
-    (a graph may read the cache's shape, e.g. for positions, without reading it)."""
-    seen, todo = set(), [leaf]
-    while todo:
-        n = todo.pop()
-        if n is source:
-            return True
-        if n in seen:
-            continue
-        seen.add(n)
-        todo.extend(a for a in n.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor))
-    return False
-
-
-def _stub_cache(gm: fx.GraphModule, c: Cut, stream: fx.Node, primary: int) -> list[str]:
-    """Keep a decoder graph's signature when an attention goes: each of its present
-    K/V outputs becomes cat(past, zeros for the new positions), so nothing reads the
-    removed projections. The slots still cost cache memory (their values are unused)."""
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    leaves = list(out.args[0]) if isinstance(out.args[0], (list, tuple)) else [out.args[0]]
-    places = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
-    pasts = [places[c.cache[k]] for k in ("key", "value") if c.cache.get(k) in places]
-    stubbed = []
-    # After the rewire, the only outputs still reading this layer's past are its present K/V.
-    for k, leaf in enumerate(leaves):
-        past = next((p for p in pasts if k != primary and isinstance(leaf, fx.Node) and _reads_values_of(leaf, p)), None)
-        if past is None:
-            continue
-        shape = list(past.meta["val"].shape)
-        with gm.graph.inserting_before(out):
-            # batch and new positions from the live residual stream [B, T, hidden]
-            b = gm.graph.call_function(aten.sym_size.int, (stream, 0))
-            t = gm.graph.call_function(aten.sym_size.int, (stream, 1))
-            h, d = (x if isinstance(x, int) else gm.graph.call_function(aten.sym_size.int, (past, i))
-                    for i, x in ((1, shape[1]), (3, shape[3])))
-            zeros = gm.graph.call_function(aten.new_zeros.default, (past, [b, h, t, d]))
-            stub = gm.graph.call_function(aten.cat.default, ([past, zeros], 2))
-        out.replace_input_with(leaf, stub)
-        stubbed.append(past.name)
-    return stubbed
-
-
-def _cut(gm: fx.GraphModule, cuts: list[Cut], primary: int) -> list[str]:
-    """Rewire the residual stream around each cut; returns the stubbed cache inputs."""
+def _cut(gm: fx.GraphModule, cuts: list[Cut]) -> dict:
+    """Rewire the residual stream around each cut; decoders lose the removed attentions'
+    cache slots. Returns the removed cache inputs and KV bytes per token (decoders)."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     # Latest first: a later cut may hand its uses to a node an earlier cut then replaces.
     for c in sorted(cuts, key=lambda c: order[c.replaced], reverse=True):
         c.replaced.replace_all_uses_with(c.replacement, delete_user_cb=lambda u, inside=c.inside: u not in inside)
-    to = {c.replaced: c.replacement for c in cuts}
-
-    def live(n: fx.Node) -> fx.Node:  # a replacement may itself be cut (consecutive blocks)
-        while n in to:
-            n = to[n]
-        return n
-
-    stubbed = [name for c in cuts if c.cache for name in _stub_cache(gm, c, live(c.replacement), primary)]
-    _drop_dead_asserts(gm)
-    # Default DCE keeps unused sdpa/dropout nodes (they are "random" ops); in an
-    # eval graph nothing depends on their RNG use, so unused ones go too.
-    gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure(impure_random=False))
+    # A removed attention's present K/V still read its projections: take its slots out of the
+    # cache (inputs and outputs), so they die with it and the cache shrinks. The pass manager
+    # then follows the new layout (PassContext.follow_cache), as for kv_share.
+    gone = [c.cache[k] for c in cuts if c.cache for k in ("key", "value") if c.cache.get(k)]
+    cache = {}
+    if gone:
+        io = CacheIO(gm, "layer_skip")
+        before = io.kv_bytes()
+        io.drop({name[len("past_"):] for name in gone})
+        after = CacheIO(gm, "layer_skip").kv_bytes()
+        cache = {"kv_cache_removed": gone,
+                 "kv_bytes_per_token": {"before": before, "after": after, "ratio": round(after / before, 4)}}
+    # Default DCE keeps unused sdpa/dropout and export's metadata asserts; in an eval graph
+    # they go with the values they read (else an assert would keep a skipped layer alive).
+    gm.graph.eliminate_dead_code(is_impure_node=is_impure_at_inference)
     gm.recompile()
-    return stubbed
+    return cache
 
 
 def _still_read(gm: fx.GraphModule, linears: tuple[str, ...]) -> list[str]:
@@ -390,7 +336,7 @@ def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
     else:
         chosen, scores, calib = _select(gm, ctx, s, cfg, cuts, keep)
     picked = [c for c in cuts if c.index in chosen]
-    stubbed = _cut(gm, picked, ctx.primary)
+    cache = _cut(gm, picked)
     for c in picked:
         left = _still_read(gm, c.linears)
         if left:
@@ -410,7 +356,5 @@ def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
         "scores": scores,
         "calibration": calib,
     }
-    if stubbed:
-        # The decoder keeps one cache slot per original layer; removed layers' slots hold zeros.
-        stats["kv_cache_stubbed"] = stubbed
+    stats.update(cache)  # decoders: the cache slots that went and KV bytes per token
     return PassResult(gm, modified=True, stats=stats)

@@ -1,3 +1,4 @@
+import contextlib
 import copy
 import importlib.util
 import json
@@ -12,6 +13,7 @@ from optcc import influence, registry
 from optcc.api import apply, prepare
 from optcc.capture import capture, flat_outputs
 from optcc.context import PassContext
+from optcc.decoder import dynamic_shapes, no_guard_module
 from optcc.errors import PassError, RecipeError
 from optcc.manager import run_passes
 from optcc.recipe import PassStep, parse_recipe
@@ -130,17 +132,19 @@ def _ctx(model, inputs, task="feature-extraction", calibration=lambda: [], progr
 def _prepared(source, task):
     recipe = parse_recipe("version: 1\nmodel: {inputs: {batch: 2, seq_len: 8}}\n")
     prep = prepare(source, task, None, recipe)
-    return prep, capture(prep.lm.module, prep.inputs).module()
+    with no_guard_module() if prep.cache else contextlib.nullcontext():  # as optcc apply captures decoders
+        return prep, capture(prep.lm.module, prep.inputs, True, dynamic_shapes(prep.cache) if prep.cache else None).module()
 
 
 def _model_ctx(source, task=None):
     prep, gm = _prepared(source, task)
-    ctx = PassContext(prep.lm.task, prep.inputs, prep.reference, prep.primary, prep.causal)
+    ctx = PassContext(prep.lm.task, prep.inputs, prep.reference, prep.primary, prep.causal, cache=prep.cache, prefix=prep.prefix)
     return copy.deepcopy(gm), ctx
 
 
 def _run(gm, ctx, **cfg):
-    gm, records = run_passes(gm, (PassStep("layer_skip", Config(**cfg), 1),), ctx)
+    with no_guard_module() if ctx.cache else contextlib.nullcontext():
+        gm, records = run_passes(gm, (PassStep("layer_skip", Config(**cfg), 1),), ctx)
     return gm, records[0]
 
 
@@ -229,19 +233,23 @@ def test_blocks_leave_the_graph(source, task):
 
 
 @pytest.mark.parametrize("granularity", ["block", "attention"])
-def test_decoder_cache_slots_of_removed_layers_hold_zeros(granularity):
+def test_decoder_loses_the_removed_layers_cache_slots(granularity):
     gm, ctx = _model_ctx("builtin:tiny-llama")  # text-generation: explicit past_key_i / past_value_i
+    n_slots = sum(k.startswith("past_") for k in ctx.inputs)
     assert "past_key_1" in ctx.inputs
+    ref_layer0 = ctx.reference[1]
     gm, rec = _run(gm, ctx, select="explicit", layers=[1], granularity=granularity)
     st = rec["stats"]
-    assert st["kv_cache_stubbed"] == ["past_key_1", "past_value_1"]
+    assert st["kv_cache_removed"] == ["past_key_1", "past_value_1"]
+    kv = st["kv_bytes_per_token"]
+    assert kv["after"] == kv["before"] * (n_slots - 2) / n_slots and kv["ratio"] < 1
+    places = [x.name for x in gm.graph.nodes if x.op == "placeholder"]
+    assert "past_key_1" not in places and "past_value_1" not in places and "past_key_0" in places
+    # the manager followed the new layout: inputs and reference cache outputs have one slot pair fewer
+    assert "past_key_1" not in ctx.inputs and sum(k.startswith("past_") for k in ctx.inputs) == n_slots - 2
     out = flat_outputs(gm(**ctx.inputs))
-    past_len = ctx.inputs["past_key_1"].shape[2]
-    for j in (3, 4):  # logits, then present key/value per layer (optcc/decoder.py layout)
-        assert out[j].shape == ctx.reference[j].shape
-        torch.testing.assert_close(out[j][:, :, :past_len], ctx.inputs["past_key_1" if j == 3 else "past_value_1"])
-        assert not out[j][:, :, past_len:].any()
-    torch.testing.assert_close(out[1], ctx.reference[1])  # layer 0's cache is untouched
+    assert len(out) == 1 + n_slots - 2
+    torch.testing.assert_close(out[1], ref_layer0)  # layer 0's cache is untouched
     assert not [k for k in gm.state_dict() if ".layers.1.self_attn." in k]
 
 
@@ -306,7 +314,7 @@ def test_model_without_blocks_is_refused():
 
 
 def test_apply_end_to_end_exports(tmp_path):
-    # Decoders (stubbed cache slots) are covered above on the graph; a decoder apply()
+    # Decoders (removed cache slots) are covered above on the graph; a decoder apply()
     # costs minutes of ONNX export on a shared CPU, so the end-to-end run uses the small model.
     recipe = write_recipe(tmp_path, """
 version: 1
