@@ -53,6 +53,19 @@ def skipped(gm, ctx: PassContext, cfg) -> tuple[torch.fx.GraphModule, dict]:
     return gm, records[0]
 
 
+def selections(gm, ctx: PassContext, n: int, k: int, score, picks) -> tuple[list[str], dict]:
+    """Table cells for removing k of n blocks: by influence, by each fixed pick, by angular
+    distance; each cell is the score with the indices removed. Returns the influence record too."""
+    g, rec = skipped(gm, ctx, Config(drop=k))
+    cells = [f"{score(g)} {rec['stats']['removed_indices']}"]
+    for pick in picks:
+        g, _ = skipped(gm, ctx, Config(select="explicit", layers=pick(n, k)))
+        cells.append(f"{score(g)} {pick(n, k)}")
+    g, ang = skipped(gm, ctx, Config(drop=k, select="angular"))
+    cells.append(f"{score(g)} {ang['stats']['removed_indices']}")
+    return cells, rec
+
+
 def load(source: str, inputs_yaml: str):
     """Prepare and capture as `optcc apply` does (decoders: explicit KV cache, dynamic past length)."""
     prep = prepare(source, None, None, parse_recipe(f"version: 1\nmodel: {{inputs: {inputs_yaml}}}\n"))
@@ -87,13 +100,7 @@ def vit_digits(max_k: int) -> None:
     print("| removed | influence | uniform | last | angular | params left |")
     print("|---|---|---|---|---|---|")
     for k in range(1, max_k + 1):
-        g, rec = skipped(gm, ctx, Config(drop=k))
-        cells = [f"{accuracy(g):.4f} {rec['stats']['removed_indices']}"]
-        for pick in (uniform, last):
-            g, _ = skipped(gm, ctx, Config(select="explicit", layers=pick(n, k)))
-            cells.append(f"{accuracy(g):.4f} {pick(n, k)}")
-        g, ang = skipped(gm, ctx, Config(drop=k, select="angular"))
-        cells.append(f"{accuracy(g):.4f} {ang['stats']['removed_indices']}")
+        cells, rec = selections(gm, ctx, n, k, lambda g: f"{accuracy(g):.4f}", (uniform, last))
         print(f"| {k} of {n} | " + " | ".join(cells) + f" | {rec['after']['params']:,} |")
     scores = {s["index"]: s["score"] for s in rec["stats"]["scores"]}
     print("\nBlock Influence per block (calib split): " + ", ".join(f"{i}: {v:.3f}" for i, v in scores.items()))
@@ -155,13 +162,7 @@ def byte_llama(seq_len: int = 256, calib_windows: int = 16) -> None:
     print("| removed | influence | last | uniform | angular |")
     print("|---|---|---|---|---|")
     for k in sorted({max(1, int(0.25 * n)), 2}):
-        g, rec = skipped(gm, ctx, Config(drop=k))
-        cells = [f"{perplexity(g):.3f} {rec['stats']['removed_indices']}"]
-        for pick in (last, uniform):
-            g, _ = skipped(gm, ctx, Config(select="explicit", layers=pick(n, k)))
-            cells.append(f"{perplexity(g):.3f} {pick(n, k)}")
-        g, ang = skipped(gm, ctx, Config(drop=k, select="angular"))
-        cells.append(f"{perplexity(g):.3f} {ang['stats']['removed_indices']}")
+        cells, rec = selections(gm, ctx, n, k, lambda g: f"{perplexity(g):.3f}", (last, uniform))
         label = f"{k} of {n}" + (" (25%)" if k == max(1, int(0.25 * n)) else "")
         print(f"| {label} | " + " | ".join(cells) + " |")
     scores = {s["index"]: s["score"] for s in rec["stats"]["scores"]}
