@@ -7,6 +7,11 @@
     text-file:PATH  UTF-8 text → next-token windows (byte-level models, or the model folder's tokenizer)
     jsonl:PATH      {"text": ..., "group": ...} lines → sentence batches (embedding metric)
     safetensors:PATH  tensors named like the model inputs plus `labels` (accuracy)
+    tokens:PATH     a safetensors file with one 1-D integer tensor `input_ids` (already tokenized
+                    text) → next-token windows (perplexity)
+    images:FOLDER   FOLDER/<class>/<image>.png|jpg (needs Pillow: pip install optcc[images]) →
+                    resized, normalised pixels (accuracy); class folders map to the model's
+                    label2id when their names match it, else to sorted order
 
 Every batch has exactly the example inputs' batch size and sequence length, so
 graphs captured with static shapes can run them too.
@@ -63,10 +68,15 @@ def load_dataset(spec: str, lm: LoadedModel, example: dict[str, torch.Tensor], l
             return _sentence_batches(spec, SENTENCES, lm, example, batch, limit)
         raise RecipeError(f"{spec}: no such built-in data set", "use builtin:vit-digits, builtin:byte-llama or builtin:sentences")
     path = Path(arg)
-    if kind in ("text-file", "jsonl", "safetensors") and not path.exists():
-        raise RecipeError(f"{spec}: no such file", f"check the path given to {kind}:")
+    if kind in ("text-file", "jsonl", "safetensors", "tokens", "images") and not path.exists():
+        raise RecipeError(f"{spec}: no such file or folder", f"check the path given to {kind}:")
     if kind == "text-file":
         return _text_batches(spec, path.read_text(encoding="utf-8", errors="replace"), lm, example, batch, limit)
+    if kind == "tokens":
+        return _token_batches(spec, _token_file(spec, path), example, batch, limit)
+    if kind == "images":
+        pixels, labels = _image_folder(spec, path, lm, example)
+        return _image_batches(spec, pixels, labels, example, batch, limit)
     if kind == "jsonl":
         return _sentence_batches(spec, path, lm, example, batch, limit)
     if kind == "safetensors":
@@ -81,7 +91,7 @@ def load_dataset(spec: str, lm: LoadedModel, example: dict[str, torch.Tensor], l
         batches = [{k: tensors[k][i:i + batch] for k in example} for i in range(0, n, batch)]
         return Dataset("tensors", spec, batches, [tensors["labels"][i:i + batch] for i in range(0, n, batch)])
     raise RecipeError(f"'{spec}' is not a data source",
-                      "use auto, random, builtin:NAME, text-file:PATH, jsonl:PATH or safetensors:PATH")
+                      "use auto, random, builtin:NAME, text-file:PATH, tokens:PATH, jsonl:PATH, safetensors:PATH or images:FOLDER")
 
 
 def _image_batches(spec, pixels, labels, example, batch, limit) -> Dataset:
@@ -128,16 +138,86 @@ def _model_folder(lm: LoadedModel) -> Optional[Path]:
 def _text_batches(spec, text, lm, example, batch, limit) -> Dataset:
     if "input_ids" not in example or example["input_ids"].dim() != 2:
         raise RecipeError(f"{spec}: text needs a model with input_ids", "use a data source that fits the model's inputs")
+    return _token_batches(spec, _tokenize(lm, text), example, batch, limit)
+
+
+def _token_batches(spec, ids: torch.Tensor, example, batch, limit) -> Dataset:
+    """ids: [N] token ids → batches of [batch, seq] inputs with next-token labels."""
+    if "input_ids" not in example or example["input_ids"].dim() != 2:
+        raise RecipeError(f"{spec}: tokens need a model with input_ids", "use a data source that fits the model's inputs")
     seq = example["input_ids"].shape[1]
-    ids = _tokenize(lm, text)
     windows = [w for w in zoo.lm_windows(ids, seq) if w.numel() == seq + 1]
     n = (min(limit, len(windows)) // batch) * batch
     if n == 0:
-        raise RecipeError(f"{spec}: text too short for one batch of {batch} x {seq + 1} tokens",
+        raise RecipeError(f"{spec}: too short for one batch of {batch} x {seq + 1} tokens",
                           "give more text or lower model.inputs.batch / seq_len")
     stacked = torch.stack(windows[:n])
     batches = [{"input_ids": stacked[i:i + batch, :-1]} for i in range(0, n, batch)]
     return Dataset("text", spec, batches, [stacked[i:i + batch, 1:] for i in range(0, n, batch)])
+
+
+def _token_file(spec, path: Path) -> torch.Tensor:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise RecipeError(f"{spec}: not a readable safetensors file ({e})",
+                          "save the ids with safetensors.torch.save_file({'input_ids': ids}, PATH)") from e
+    ids = tensors.get("input_ids")
+    if ids is None or ids.dim() != 1 or ids.is_floating_point():
+        raise RecipeError(f"{spec}: needs one 1-D integer tensor named input_ids, has "
+                          + ", ".join(f"{k} {tuple(v.shape)} {v.dtype}" for k, v in tensors.items()),
+                          "save the token ids of the text, concatenated, as input_ids")
+    return ids.long()
+
+
+_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+
+def _image_folder(spec, root: Path, lm: LoadedModel, example) -> tuple[torch.Tensor, torch.Tensor]:
+    """root/<class>/<image> → pixels [N, C, H, W] (the example's shape, normalised as the model's
+    preprocessor says, else mean 0.5 / std 0.5) and class ids [N]."""
+    try:
+        from PIL import Image
+    except ImportError as e:
+        raise RecipeError(f"{spec}: reading images needs Pillow", "pip install 'optcc[images]' (or pillow)") from e
+    key = next(iter(example))
+    if example[key].dim() != 4:
+        raise RecipeError(f"{spec}: images need a model that takes pixel_values [B, C, H, W]", "use another data source")
+    _, c, h, w = example[key].shape
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not classes:
+        raise RecipeError(f"{spec}: expected a folder of class folders (FOLDER/<class>/<image>.png)", "arrange the images that way")
+    label2id = {str(k): int(v) for k, v in (lm.config.get("label2id") or {}).items()}
+    ids = {name: label2id[name] for name in classes} if label2id and all(n in label2id for n in classes) \
+        else {name: i for i, name in enumerate(classes)}
+    prep = _preprocessor(lm)
+    mean = torch.tensor(prep.get("image_mean", [0.5] * c), dtype=torch.float32).reshape(c, 1, 1)
+    std = torch.tensor(prep.get("image_std", [0.5] * c), dtype=torch.float32).reshape(c, 1, 1)
+    pixels, labels = [], []
+    for name in classes:
+        for f in sorted((root / name).iterdir()):
+            if f.suffix.lower() not in _IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(f) as im:
+                    im = im.convert("RGB" if c == 3 else "L").resize((w, h), Image.BILINEAR)
+                    t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).reshape(h, w, c)
+            except OSError as e:
+                raise RecipeError(f"{spec}: cannot read {f} ({e})", "remove or fix that file") from e
+            pixels.append((t.permute(2, 0, 1).float() / 255.0 - mean) / std)
+            labels.append(ids[name])
+    if not pixels:
+        raise RecipeError(f"{spec}: no images found in {', '.join(classes)}", f"use files ending in {', '.join(sorted(_IMAGE_SUFFIXES))}")
+    return torch.stack(pixels), torch.tensor(labels)
+
+
+def _preprocessor(lm: LoadedModel) -> dict:
+    folder = _model_folder(lm)
+    f = folder / "preprocessor_config.json" if folder else None
+    return json.loads(f.read_text()) if f and f.exists() else {}
 
 
 def _sentence_batches(spec, path: Path, lm, example, batch, limit) -> Dataset:
@@ -187,5 +267,5 @@ def evaluation(lm: LoadedModel, recipe: Recipe, example: dict[str, torch.Tensor]
     spec = ev.source if ev.source != "auto" else _default_source(lm)
     if spec is None:
         raise RecipeError(f"evaluate.source: {lm.source} ships no evaluation data",
-                          "set evaluate.source to text-file:PATH, jsonl:PATH or safetensors:PATH")
+                          "set evaluate.source to text-file:PATH, tokens:PATH, jsonl:PATH, safetensors:PATH or images:FOLDER")
     return load_dataset(spec, lm, example, ev.samples, "eval")

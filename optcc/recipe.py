@@ -54,7 +54,7 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class Calibration:
-    source: str = field("auto", help="auto (the model's own data or random inputs) | random | builtin:NAME | text-file:PATH")
+    source: str = field("auto", help="auto (the model's own data or random inputs) | random | builtin:NAME | text-file:PATH | tokens:PATH | jsonl:PATH | safetensors:PATH | images:FOLDER")
     samples: int = field(32, help="number of calibration samples")
     seed: int = field(0, help="seed for random calibration data")
 
@@ -65,7 +65,7 @@ class Calibration:
 
 @dataclass(frozen=True)
 class Evaluate:
-    source: str = field("auto", help="auto (the held-out set of a built-in model) | builtin:NAME | text-file:PATH | jsonl:PATH | safetensors:PATH")
+    source: str = field("auto", help="auto (the held-out set of a built-in model) | builtin:NAME | text-file:PATH | tokens:PATH | jsonl:PATH | safetensors:PATH | images:FOLDER")
     metric: str = field("auto", help="auto | accuracy | perplexity | embedding")
     samples: int = field(256, help="maximum number of evaluation samples")
 

@@ -113,3 +113,44 @@ def test_minilm_sentence_metric():
     with torch.no_grad():
         res = run_metric(ds, lambda b: [lm.module(**b).last_hidden_state], 0)
     assert res["value"] > 0.8  # a real sentence encoder finds paraphrases
+
+
+def test_image_folder_source_maps_labels_resizes_and_normalises(tmp_path):
+    from PIL import Image
+
+    from optcc.intake import LoadedModel
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.25] * 3}))
+    lm = LoadedModel(torch.nn.Identity(), "image-classification", str(model_dir), "m", {"label2id": {"cat": 1, "dog": 0}})
+    for name, color, size in (("cat", (255, 0, 0), 8), ("dog", (0, 255, 0), 16)):
+        (tmp_path / "imgs" / name).mkdir(parents=True)
+        Image.new("RGB", (size, size), color).save(tmp_path / "imgs" / name / "a.png")
+    (tmp_path / "imgs" / "cat" / "notes.txt").write_text("not an image")
+    ds = load_dataset(f"images:{tmp_path / 'imgs'}", lm, {"pixel_values": torch.zeros(2, 3, 4, 4)}, 10, "eval")
+    assert ds.kind == "images" and ds.samples == 2
+    px, labels = ds.batches[0]["pixel_values"], ds.labels[0]
+    assert px.shape == (2, 3, 4, 4) and labels.tolist() == [1, 0]  # class folders follow the model's label2id
+    torch.testing.assert_close(px[0, :, 0, 0], torch.tensor([2.0, -2.0, -2.0]))  # (x - 0.5) / 0.25
+    torch.testing.assert_close(px[1, :, 3, 3], torch.tensor([-2.0, 2.0, -2.0]))
+    perfect = lambda b: [torch.nn.functional.one_hot(labels, 2).float()]
+    assert run_metric(ds, perfect, 0)["value"] == 1.0
+    with pytest.raises(RecipeError, match="class folders"):
+        load_dataset(f"images:{tmp_path / 'imgs' / 'cat'}", lm, {"pixel_values": torch.zeros(2, 3, 4, 4)}, 10, "eval")
+
+
+def test_token_file_source_gives_next_token_windows(tmp_path):
+    from safetensors.torch import save_file
+
+    lm = load_model("builtin:byte-llama")
+    ids = torch.arange(300) % 256
+    save_file({"input_ids": ids}, tmp_path / "t.safetensors")
+    ds = load_dataset(f"tokens:{tmp_path / 't.safetensors'}", lm, {"input_ids": torch.zeros(2, 16, dtype=torch.long)}, 8, "eval")
+    assert ds.kind == "text" and ds.samples == 8
+    x, y = ds.batches[0]["input_ids"], ds.labels[0]
+    assert torch.equal(x[:, 1:], y[:, :-1])  # labels are the inputs shifted by one token
+    assert torch.equal(x[0], ids[:16])
+    save_file({"input_ids": torch.randn(10)}, tmp_path / "bad.safetensors")
+    with pytest.raises(RecipeError, match="1-D integer tensor named input_ids"):
+        load_dataset(f"tokens:{tmp_path / 'bad.safetensors'}", lm, {"input_ids": torch.zeros(2, 16, dtype=torch.long)}, 8, "eval")
