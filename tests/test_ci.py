@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import write_recipe
+from conftest import ROOT, write_recipe
 from test_cli import optcc
 from optcc.api import apply
 from optcc.errors import RecipeError, RequirementError
@@ -130,3 +130,14 @@ def test_embedding_gates_read_the_worst_artifact():
                                                                "task.neighbour_agreement": ">= 0.95"})}
     assert res["task.embedding_cosine_mean"]["value"] == 0.985 and not res["task.embedding_cosine_mean"]["ok"]
     assert res["task.neighbour_agreement"]["value"] == 0.97 and res["task.neighbour_agreement"]["ok"]
+
+
+def test_example_workflow_recreates_uploads_and_fails_on_gates():
+    import yaml
+
+    wf = yaml.safe_load((ROOT / "docs" / "examples" / "github-actions.yml").read_text())
+    steps = wf["jobs"]["optimize"]["steps"]
+    runs = "\n".join(s.get("run", "") for s in steps)
+    assert "optcc apply" in runs and "--baseline" in runs and "|| true" not in runs  # exit 7 fails the job
+    upload = next(s for s in steps if "upload-artifact" in s.get("uses", ""))
+    assert upload["if"] == "always()" and upload["with"]["path"] == "out/"  # report kept when a gate fails
