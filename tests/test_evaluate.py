@@ -47,6 +47,31 @@ def test_reference_vit_matches_its_card():
     assert acc > 0.9  # far above the 10% chance level
 
 
+def test_reference_lm_matches_its_card():
+    from optcc.zoo.data import byte_encode, lm_windows
+
+    lm = load_model("builtin:byte-llama")
+    card = json.loads((zoo_dir() / "byte-llama" / "metrics.json").read_text())
+    ids = byte_encode((zoo_dir() / "byte-llama" / "eval.txt").read_text(encoding="utf-8"))
+    windows = lm_windows(ids, 256)  # the card's protocol: CE of w[1:] given w[:-1], summed over all windows
+    ce, n = 0.0, 0
+    with torch.no_grad():
+        full = torch.stack([w for w in windows if w.numel() == windows[0].numel()])
+        for i in range(0, len(full), 16):
+            w = full[i:i + 16]
+            logits = lm.module(input_ids=w[:, :-1]).logits
+            ce += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum"))
+            n += w[:, 1:].numel()
+        for w in windows[len(full):]:  # the shorter tail window
+            logits = lm.module(input_ids=w[None, :-1]).logits
+            ce += float(torch.nn.functional.cross_entropy(logits[0], w[1:], reduction="sum"))
+            n += w.numel() - 1
+    assert n == card["eval_txt_bytes"] - 1
+    ppl = float(torch.exp(torch.tensor(ce / n)))
+    assert ppl == pytest.approx(card["heldout_perplexity_per_byte"], rel=2e-3)
+    assert ppl < 256 / 10  # far below the uniform byte model's 256
+
+
 def test_calibration_uses_training_split_not_eval():
     lm, recipe, ex = _setup("builtin:vit-digits")
     cal = calibration(lm, recipe, ex)
