@@ -5,8 +5,9 @@ any process that imported optcc. Weight layouts are chosen so the torch kernel
 and the ONNX op read the same tensors:
 
 - optcc::linear_dq_int8 — per-token dynamic int8 activations × per-channel int8
-  weights [in, out]. torch: torch._int_mm (int8 GEMM, int32 accumulate), dequant
-  in fp32. ONNX: the same per-token codes, offset by 128 to uint8 by one per-row
+  weights [in, out]. torch: torch._int_mm (int8 GEMM, int32 accumulate) where the
+  CPU has int8 dot-product instructions, else the same codes multiplied in fp32
+  (see int8_gemm_kernel); dequant in fp32. ONNX: the same per-token codes, offset by 128 to uint8 by one per-row
   QuantizeLinear, into com.microsoft MatMulIntegerToFloat with a_zero_point 128
   and the weights offset by 128 to uint8 as well (u8·u8: exact on every CPU, where
   u8·s8 saturates without VNNI; onnxruntime's DynamicQuantizeLinear is per-tensor
@@ -22,6 +23,8 @@ and the ONNX op read the same tensors:
 from __future__ import annotations
 
 import math
+import os
+import platform
 from typing import Optional
 
 import torch
@@ -64,12 +67,44 @@ def _contrib(name: str):
 
 # ------------------------------------------------------------ int8 dynamic ---
 
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def int8_gemm_kernel() -> str:
+    """Which kernel the torch int8-dynamic op uses on this machine.
+
+    torch._int_mm on CPU is fast only with int8 dot-product instructions (x86 VNNI / AMX,
+    Arm i8mm / dotprod); without them (e.g. AVX2-only x86) it was measured at ~20x slower
+    than the fp32 matmul it replaces. There the same int8 codes are multiplied in fp32:
+    the products and sums are integers that fp32 holds exactly up to 2^24, so the result
+    matches the int32 GEMM to float rounding (and the ONNX artifact's exact u8·u8 GEMM).
+    OPTCC_INT8_GEMM=int_mm|fp32 overrides the choice."""
+    forced = os.environ.get("OPTCC_INT8_GEMM")
+    if forced in ("int_mm", "fp32"):
+        return forced
+    flags = _cpu_flags()
+    fast = {"avx512_vnni", "avx_vnni", "amx_int8", "i8mm", "asimddp"}
+    return "int_mm" if flags & fast or platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64") else "fp32"
+
+
+_INT8_GEMM = int8_gemm_kernel()
+
+
 @torch.library.custom_op("optcc::linear_dq_int8", mutates_args=())
 def linear_dq_int8(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     """x: [..., in] f32; w_q: [in, out] int8; w_scale: [out] f32; bias: [out] → [..., out]."""
     q, s = quantize_per_token(x.reshape(-1, x.shape[-1]))
+    acc = torch._int_mm(q, w_q).to(torch.float32) if _INT8_GEMM == "int_mm" else torch.mm(q.to(torch.float32), w_q.to(torch.float32))
     # (acc · w_scale) · s + bias: the order onnxruntime's MatMulIntegerToFloat + Mul + Add use
-    y = torch._int_mm(q, w_q).to(torch.float32).mul_(w_scale).mul_(s)
+    y = acc.mul_(w_scale).mul_(s)
     if bias is not None:
         y.add_(bias)
     return y.reshape(*x.shape[:-1], w_q.shape[1])

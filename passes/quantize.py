@@ -298,7 +298,8 @@ def _quantize(w: torch.Tensor, li: Linear, cfg: Config, clip: Optional[torch.Ten
 
 
 _KERNELS = {
-    "int8-dynamic": {"torch": "torch._int_mm (int8 GEMM, int32 accumulate), per-token scales applied in fp32",
+    "int8-dynamic": {"torch": "per-token int8 codes x int8 weights: torch._int_mm (int32 accumulate) on CPUs with int8 "
+                              "dot-product instructions, else the same codes multiplied in fp32 (see the notes); scales in fp32",
                      "onnx": "per-row QuantizeLinear (uint8, zero point 128) + com.microsoft MatMulIntegerToFloat + scale Mul"},
     "int8-weight-only": {"torch": "int8 weights dequantized to fp32 on every call, fp32 matmul",
                          "onnx": "DequantizeLinear(int8 initializer, axis=1) + MatMul"},
@@ -365,6 +366,10 @@ def _notes(cfg: Config, tied: list[str], skipped: int, timing: Optional[dict]) -
     if cfg.scheme == "int8-dynamic":
         notes.append("ONNX activations use the same per-token int8 codes as torch (uint8 + zero point 128), "
                      "not onnxruntime's per-tensor DynamicQuantizeLinear")
+        if qops.int8_gemm_kernel() == "fp32":
+            notes.append("torch artifact: this CPU has no int8 dot-product instructions (VNNI/AMX/i8mm), where "
+                         "torch._int_mm is many times slower than fp32, so the .pt2 multiplies the int8 codes in fp32: "
+                         "smaller weights, no speedup on torch here — the ONNX artifact runs the integer GEMM")
     if timing is not None and timing["speedup"] < 1.0:
         notes.append(f"SLOWER: on this machine the quantized torch graph runs at {timing['speedup']:.2f}x "
                      f"the fp32 graph ({timing['quantized_p50_ms']:.2f} ms vs {timing['fp32_p50_ms']:.2f} ms)")
@@ -422,7 +427,7 @@ def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
         "quantized": len(layers),
         "excluded": excluded,
         "warnings": warnings,
-        "kernels": _KERNELS[cfg.scheme],
+        "kernels": {**_KERNELS[cfg.scheme], **({"torch_int8_gemm": qops.int8_gemm_kernel()} if cfg.scheme == "int8-dynamic" else {})},
         "weight_bytes": {"before": before, "after": after, "ratio": round(after / before, 4) if before else None},
         "sqnr_db_min": min(l["sqnr_db"] for l in layers),
         "sqnr_db_mean": round(sum(l["sqnr_db"] for l in layers) / len(layers), 2),

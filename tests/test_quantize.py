@@ -291,3 +291,22 @@ def test_weight_only_onnx_ops(tmp_path, text, op):
     assert [n.op_type for n in model.graph.node].count(op) == rec["stats"]["quantized"] == 19
     assert _weight_matmuls(model) == []
     json.dumps(rec["stats"])  # stats are JSON data
+
+
+def test_int8_gemm_kernels_agree_and_the_choice_can_be_forced(monkeypatch):
+    from optcc import qops
+    from optcc.quant import quantize_per_channel
+
+    monkeypatch.setenv("OPTCC_INT8_GEMM", "fp32")
+    assert qops.int8_gemm_kernel() == "fp32"
+    monkeypatch.setenv("OPTCC_INT8_GEMM", "int_mm")
+    assert qops.int8_gemm_kernel() == "int_mm"
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(64, 96, generator=g), torch.randn(48, 96, generator=g)
+    wq, ws = quantize_per_channel(w)
+    outs = {}
+    for kernel in ("int_mm", "fp32"):
+        monkeypatch.setattr(qops, "_INT8_GEMM", kernel)
+        outs[kernel] = torch.ops.optcc.linear_dq_int8(x, wq.t().contiguous(), ws.reshape(-1), None)
+    torch.testing.assert_close(outs["fp32"], outs["int_mm"], rtol=0, atol=1e-5)  # same integer products
+    assert torch.nn.functional.cosine_similarity(outs["fp32"].flatten(), (x @ w.t()).flatten(), dim=0) > 0.999
