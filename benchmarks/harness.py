@@ -132,7 +132,15 @@ def optcc_artifacts(recipe: Path, model: Optional[str], folder: Path, threads: i
     for a in report["artifacts"]:
         p = Path(a["path"])
         runners[a["format"]] = load_onnx(p, threads) if a["format"] == "onnx" else load_torch(p)
-    return {"runners": runners, "report": report}
+    meta = out / "decoder.json"  # decoders: the artifacts' own cache layout (a pass may have changed it)
+    cache = None
+    if meta.exists():
+        import json
+
+        from optcc.decoder import CacheSpec
+
+        cache = CacheSpec(**json.loads(meta.read_text()))
+    return {"runners": runners, "report": report, "cache": cache}
 
 
 def time_all(contenders: list[Contender], inputs: dict, quick: bool, items: int) -> dict[str, dict]:

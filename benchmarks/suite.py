@@ -121,12 +121,14 @@ def w3(quick: bool, threads: int, work: Path, recipes: list[Path]) -> list[dict]
         plain = emit_all(gm, prep.inputs, ("onnx",), 18, folder, 0, 1e-3, True, threads,
                          dynamic_shapes(prep.cache), prep.cache.output_names())[0]
         steps["plain ONNX export (Optimum cache layout)"] = plain.runner
+        specs = {}
         for rec in recipes:
             art = H.optcc_artifacts(rec, source, folder, threads, {"batch": 1, "seq_len": 16})
             for fmt, run in art["runners"].items():
                 steps[f"optcc {rec.stem} ({fmt})"] = run
+                specs[f"optcc {rec.stem} ({fmt})"] = art["cache"]  # kv_share may change the cache layout
         prompt = prompt_ids(prep.cache, None, prompt_len, 1)
-        res = bench_generation(steps, prep.cache, prompt, new, 1 if quick else 2)
+        res = bench_generation(steps, prep.cache, prompt, new, 1 if quick else 2, specs=specs)
     rows = []
     params = sum(p.numel() for p in prep.lm.module.parameters())
     for name, v in [("torch eager fp32 (HF cache)", res["baseline"])] + list(res["optimized"].items()):
@@ -204,6 +206,16 @@ def _cell(v) -> str:
     return "—" if v is None else str(v)
 
 
+def _write(out: Path, stem: str, rows: list[dict], env: dict, peak: float, quick: bool) -> str:
+    for r in rows:
+        if "gflops_per_s" in r:
+            r["fraction_of_gemm_peak"] = r["gflops_per_s"] / peak
+    (out / f"{stem}.json").write_text(json.dumps({"environment": env, "gemm_peak_gflops": peak, "rows": rows}, indent=2))
+    md = render(rows, env, peak, quick)
+    (out / f"{stem}.md").write_text(md)
+    return md
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks")
     ap.add_argument("--quick", action="store_true", help="smoke run with tiny shapes")
@@ -222,17 +234,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     env = {**environment(), "date": datetime.date.today().isoformat(), "machine": socket.gethostname() or platform.node(),
            "threads": args.threads}
     peak = H.matmul_peak_gflops(args.threads, 256 if args.quick else 1024, 0.2 if args.quick else 1.0)
-    rows = []
+    rows, md = [], ""
+    stem = f"{env['date']}-{'quick' if args.quick else 'full'}-{env['machine'][:24]}"
+    args.out.mkdir(parents=True, exist_ok=True)
     for name, fn in (("W1", w1), ("W2", w2), ("W3", w3)):
         if name in args.only.split(","):
             print(f"{name} ...", flush=True)
             rows += fn(args.quick, args.threads, work, per_workload[name])
-    for r in rows:
-        if "gflops_per_s" in r:
-            r["fraction_of_gemm_peak"] = r["gflops_per_s"] / peak
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{env['date']}-{'quick' if args.quick else 'full'}-{env['machine'][:24]}"
-    (args.out / f"{stem}.json").write_text(json.dumps({"environment": env, "gemm_peak_gflops": peak, "rows": rows}, indent=2))
-    md = render(rows, env, peak, args.quick)
-    (args.out / f"{stem}.md").write_text(md)
+            md = _write(args.out, stem, rows, env, peak, args.quick)  # after each workload: a crash keeps the rest
     print(md)
