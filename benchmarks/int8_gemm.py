@@ -1,0 +1,72 @@
+"""One int8-dynamic linear on this CPU, every kernel optcc could use, interleaved:
+
+    python benchmarks/int8_gemm.py [--m 1024 --k 384 --n 1536 --threads 2]
+
+onnxruntime MatMulIntegerToFloat with uint8 activations and int8 weights (u8·s8,
+what onnxruntime's own quantizer emits) or uint8 weights (u8·u8, what optcc emits),
+the fp32 MatMul; torch._int_mm, the same int8 codes multiplied in fp32 (optcc's
+fallback), the fp32 matmul. Prints p50 ms and each kernel's error against the
+exact integer product: u8·s8 saturates on CPUs without VNNI."""
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import torch
+
+from optcc.bench import measure
+
+
+def _ort(nodes, inits, in_type, threads):
+    import onnxruntime as ort
+    from onnx import TensorProto as T, helper as h
+
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", in_type, None)], [h.make_tensor_value_info("y", T.FLOAT, None)], inits)
+    m = h.make_model(g, opset_imports=[h.make_opsetid("", 18), h.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def main() -> None:
+    from onnx import TensorProto as T, helper as h, numpy_helper as nh
+
+    ap = argparse.ArgumentParser()
+    for name, default in (("m", 1024), ("k", 384), ("n", 1536), ("threads", 2)):
+        ap.add_argument(f"--{name}", type=int, default=default)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((a.m, a.k)).astype(np.float32)
+    w = (rng.standard_normal((a.k, a.n)) * 0.05).astype(np.float32)
+    xq = np.round(x / (np.abs(x).max(1, keepdims=True) / 127)).astype(np.int32)  # per-token codes
+    ws = np.abs(w).max(0) / 127
+    wq = np.round(w / ws).astype(np.int32)
+    exact = (xq @ wq).astype(np.float64)
+    one, za = nh.from_array(np.array(1.0, np.float32), "one"), nh.from_array(np.array(128, np.uint8), "za")
+    scale = nh.from_array(ws.astype(np.float32), "ws")
+    node = lambda ins: [h.make_node("MatMulIntegerToFloat", ins, ["y"], domain="com.microsoft")]
+    u8s8 = _ort(node(["x", "b", "one", "ws", "za"]), [nh.from_array(wq.astype(np.int8), "b"), one, scale, za], T.UINT8, a.threads)
+    u8u8 = _ort(node(["x", "b", "one", "ws", "za", "zb"]), [nh.from_array((wq + 128).astype(np.uint8), "b"), one, scale, za,
+                                                          nh.from_array(np.full(a.n, 128, np.uint8), "zb")], T.UINT8, a.threads)
+    fp32 = _ort([h.make_node("MatMul", ["x", "w"], ["y"])], [nh.from_array(w, "w")], T.FLOAT, a.threads)
+    xu8 = (xq + 128).astype(np.uint8)
+    tq, twq, tx, tw = (torch.from_numpy(v) for v in (xq.astype(np.int8), wq.astype(np.int8), x, w))
+    fns = {
+        "onnxruntime u8·s8 (quantize_dynamic's layout)": (lambda: u8s8.run(None, {"x": xu8})[0] / ws),
+        "onnxruntime u8·u8 (optcc)": (lambda: u8u8.run(None, {"x": xu8})[0] / ws),
+        "onnxruntime fp32 MatMul": (lambda: fp32.run(None, {"x": x})[0]),
+        "torch._int_mm": (lambda: torch._int_mm(tq, twq).numpy()),
+        "torch int8 codes in fp32 (optcc fallback)": (lambda: torch.mm(tq.float(), twq.float()).numpy()),
+        "torch fp32 matmul": (lambda: torch.mm(tx, tw).numpy()),
+    }
+    res = measure(fns, warmup=2, iters=10, min_seconds=2.0, items=1)
+    print(f"int8 linear {a.m}x{a.k} -> {a.n}, {a.threads} threads, torch {torch.__version__}")
+    print("| kernel | p50 ms | rel. error vs exact int product |\n|---|---|---|")
+    for name, fn in fns.items():
+        err = "—" if "fp32 matmul" in name.lower() or "MatMul" in name else f"{np.abs(fn() - exact).max() / np.abs(exact).max():.1e}"
+        print(f"| {name} | {res[name]['p50_ms']:.2f} | {err} |")
+
+
+if __name__ == "__main__":
+    main()
