@@ -132,14 +132,10 @@ def optcc_artifacts(recipe: Path, model: Optional[str], folder: Path, threads: i
     for a in report["artifacts"]:
         p = Path(a["path"])
         runners[a["format"]] = load_onnx(p, threads) if a["format"] == "onnx" else load_torch(p)
+    from optcc.decoder import CacheSpec
+
     meta = out / "decoder.json"  # decoders: the artifacts' own cache layout (a pass may have changed it)
-    cache = None
-    if meta.exists():
-        import json
-
-        from optcc.decoder import CacheSpec
-
-        cache = CacheSpec(**json.loads(meta.read_text()))
+    cache = CacheSpec.read(meta) if meta.exists() else None
     return {"runners": runners, "report": report, "cache": cache}
 
 

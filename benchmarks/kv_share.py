@@ -82,7 +82,7 @@ def run_variant(name: str, passes: str, work: Path, windows: torch.Tensor) -> di
     t0 = time.perf_counter()
     report = apply(recipe, None, out)
     seconds = time.perf_counter() - t0
-    spec = CacheSpec(**json.loads((out / "decoder.json").read_text()))
+    spec = CacheSpec.read(out / "decoder.json")
     with no_guard_module():
         streamed = streamed_perplexity(out / "model.onnx", spec, windows)
     stats = report["passes"][0]["stats"] if report["passes"] else {}

@@ -136,7 +136,7 @@ def run_artifact(artifact: str | Path, prompt: Optional[str] = None, tokens: Opt
     if not meta.exists():
         raise IntakeError(f"{path.parent}: no decoder.json, so this is not a text-generation artifact",
                           "run `optcc apply` with a text-generation model first")
-    spec = CacheSpec(**json.loads(meta.read_text()))
+    spec = CacheSpec.read(meta)
     if new_tokens < 1:
         raise RecipeError(f"--new-tokens {new_tokens}: must be >= 1", "ask for at least one token")
     if tokens is None:

@@ -75,6 +75,14 @@ class CacheSpec:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def read(cls, path) -> "CacheSpec":
+        """The layout an output folder's decoder.json records (written by `optcc apply`)."""
+        import json
+
+        with open(path) as f:
+            return cls(**json.load(f))
+
 
 class KVWrapper(torch.nn.Module):
     """Wrap an HF causal LM (or a module with `forward_with_cache`) into the explicit-cache form."""

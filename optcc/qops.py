@@ -95,14 +95,14 @@ def int8_gemm_kernel() -> str:
     return "int_mm" if flags & fast or platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64") else "fp32"
 
 
-_INT8_GEMM = int8_gemm_kernel()
+INT8_GEMM = int8_gemm_kernel()  # the kernel the op uses in this process; reports read this
 
 
 @torch.library.custom_op("optcc::linear_dq_int8", mutates_args=())
 def linear_dq_int8(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     """x: [..., in] f32; w_q: [in, out] int8; w_scale: [out] f32; bias: [out] → [..., out]."""
     q, s = quantize_per_token(x.reshape(-1, x.shape[-1]))
-    acc = torch._int_mm(q, w_q).to(torch.float32) if _INT8_GEMM == "int_mm" else torch.mm(q.to(torch.float32), w_q.to(torch.float32))
+    acc = torch._int_mm(q, w_q).to(torch.float32) if INT8_GEMM == "int_mm" else torch.mm(q.to(torch.float32), w_q.to(torch.float32))
     # (acc · w_scale) · s + bias: the order onnxruntime's MatMulIntegerToFloat + Mul + Add use
     y = acc.mul_(w_scale).mul_(s)
     if bias is not None:

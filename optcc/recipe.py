@@ -99,9 +99,10 @@ class Bench:
     enabled: bool = field(True, help="set false to skip timing")
 
     def __post_init__(self) -> None:
-        for name in ("warmup", "iters"):
-            if getattr(self, name) < (0 if name == "warmup" else 1):
-                raise ValueError(f"{name} must be >= {0 if name == 'warmup' else 1}, got {getattr(self, name)}")
+        if self.warmup < 0:
+            raise ValueError(f"warmup must be >= 0, got {self.warmup}")
+        if self.iters < 1:
+            raise ValueError(f"iters must be >= 1, got {self.iters}")
         if self.min_seconds < 0:
             raise ValueError(f"min_seconds must be >= 0, got {self.min_seconds}")
         if self.threads is not None and self.threads < 1:

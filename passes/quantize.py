@@ -366,7 +366,7 @@ def _notes(cfg: Config, tied: list[str], skipped: int, timing: Optional[dict]) -
     if cfg.scheme == "int8-dynamic":
         notes.append("ONNX activations use the same per-token int8 codes as torch (uint8 + zero point 128), "
                      "not onnxruntime's per-tensor DynamicQuantizeLinear")
-        if qops.int8_gemm_kernel() == "fp32":
+        if qops.INT8_GEMM == "fp32":
             notes.append("torch artifact: this CPU has no int8 dot-product instructions (VNNI/AMX/i8mm), where "
                          "torch._int_mm is many times slower than fp32, so the .pt2 multiplies the int8 codes in fp32: "
                          "smaller weights, no speedup on torch here — the ONNX artifact runs the integer GEMM")
@@ -427,7 +427,7 @@ def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
         "quantized": len(layers),
         "excluded": excluded,
         "warnings": warnings,
-        "kernels": {**_KERNELS[cfg.scheme], **({"torch_int8_gemm": qops.int8_gemm_kernel()} if cfg.scheme == "int8-dynamic" else {})},
+        "kernels": {**_KERNELS[cfg.scheme], **({"torch_int8_gemm": qops.INT8_GEMM} if cfg.scheme == "int8-dynamic" else {})},
         "weight_bytes": {"before": before, "after": after, "ratio": round(after / before, 4) if before else None},
         "sqnr_db_min": min(l["sqnr_db"] for l in layers),
         "sqnr_db_mean": round(sum(l["sqnr_db"] for l in layers) / len(layers), 2),

@@ -306,7 +306,7 @@ def test_int8_gemm_kernels_agree_and_the_choice_can_be_forced(monkeypatch):
     wq, ws = quantize_per_channel(w)
     outs = {}
     for kernel in ("int_mm", "fp32"):
-        monkeypatch.setattr(qops, "_INT8_GEMM", kernel)
+        monkeypatch.setattr(qops, "INT8_GEMM", kernel)
         outs[kernel] = torch.ops.optcc.linear_dq_int8(x, wq.t().contiguous(), ws.reshape(-1), None)
     torch.testing.assert_close(outs["fp32"], outs["int_mm"], rtol=0, atol=1e-5)  # same integer products
     assert torch.nn.functional.cosine_similarity(outs["fp32"].flatten(), (x @ w.t()).flatten(), dim=0) > 0.999
