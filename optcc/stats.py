@@ -5,6 +5,8 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
+from optcc.probe import placeholder_args
+
 
 def used_attrs(gm: fx.GraphModule) -> set[str]:
     return {n.target for n in gm.graph.nodes if n.op == "get_attr"}
@@ -41,6 +43,29 @@ def flops(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> int:
     with torch.no_grad(), counter:
         module(**inputs)
     return int(counter.get_total_flops())
+
+
+class _PerNode(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, counter: FlopCounterMode) -> None:
+        super().__init__(gm)
+        self.counter, self.out = counter, {}
+
+    def run_node(self, n: fx.Node):
+        before = self.counter.get_total_flops()
+        val = super().run_node(n)
+        spent = self.counter.get_total_flops() - before
+        if spent:
+            self.out[n.name] = int(spent)
+        return val
+
+
+def flops_by_node(gm: fx.GraphModule, inputs: dict[str, torch.Tensor]) -> dict[str, int]:
+    """FLOPs of one call per graph node (nodes that spend none are left out)."""
+    counter = FlopCounterMode(display=False, custom_mapping=_CUSTOM)
+    runner = _PerNode(gm, counter)
+    with torch.no_grad(), counter:
+        runner.run(*placeholder_args(gm, inputs))
+    return runner.out
 
 
 def graph_stats(gm: fx.GraphModule, inputs: dict[str, torch.Tensor]) -> dict:

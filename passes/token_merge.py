@@ -30,7 +30,8 @@ from optcc.errors import PassError
 from optcc.probe import placeholder_args, record
 from optcc.registry import PassResult, register
 from optcc.schema import field
-from optcc.structure import Block, NORM_OPS, Structure
+from optcc.stats import flops_by_node
+from optcc.structure import Block, NORM_OPS, Structure, module_path
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
@@ -127,6 +128,7 @@ def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
         return PassResult(gm, False, {**stats, "note": "r is 0 in every block: graph unchanged"})
 
     first = next(i for i, r in enumerate(rs) if r > 0)
+    flops_before = _block_flops(gm, ctx.inputs, blocks)
     mask = _padding_mask(gm, ctx, blocks[first:], masks, values)
     margins = [cfg.margin] * len(blocks) if cfg.margin is not None else M.pitome_margins(len(blocks))
     state: dict[str, Optional[fx.Node]] = {"size": None, "valid": None, "source": None, "bias": None}
@@ -151,7 +153,26 @@ def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
     _fix_shapes(gm, ctx, old_shapes, cfg.unmerge)
     _refresh_meta(gm)
     stats["static_sequence_from_block"] = blocks[first].path
+    flops_after = _block_flops(gm, ctx.inputs, blocks)
+    stats["blocks"] = [{"block": b.path, "r": r, "tokens_attention": ta, "tokens_mlp": tm,
+                        "flops_before": f0, "flops_after": f1, "merge_flops": fm}
+                       for b, r, ta, tm, (f0, _), (f1, fm) in zip(blocks, rs, t_in, t_out, flops_before, flops_after)]
+    total0 = sum(f for f, _ in flops_before)
+    stats["block_flops_saved"] = round(1 - sum(f for f, _ in flops_after) / total0, 4) if total0 else None
     return PassResult(gm, True, stats)
+
+
+def _block_flops(gm: fx.GraphModule, inputs: dict, blocks: list[Block]) -> list:
+    """(FLOPs, of which in inserted merge ops) per block, at the example inputs."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    total, merging = [0] * len(blocks), [0] * len(blocks)
+    for name, f in flops_by_node(gm, inputs).items():
+        path = module_path(nodes[name])
+        i = next((i for i, b in enumerate(blocks) if path == b.path or path.startswith(b.path + ".")), None)
+        if i is not None:
+            total[i] += f
+            merging[i] += f if nodes[name].meta.get("token_merge") else 0
+    return list(zip(total, merging))
 
 
 def _schedule(cfg: Config, tokens: int, n: int, protected: int):

@@ -116,6 +116,12 @@ def test_padding_spends_r_before_real_tokens():
     m5 = M.bipartite_soft_matching(metric, 5, (0,), valid)
     real = [s for s, ok in zip(m5.src[0].tolist(), m5.ok[0].tolist()) if ok]
     assert len(real) == 2 and all(valid[0, s] for s in real)
+    # PiToMe: the 6 padded tokens take the first mergeable slots (A: 15, 13, 11 are dropped)
+    p3 = M.pitome_matching(metric, 3, 0.5, (0,), valid)
+    assert sorted(p3.src[0].tolist()) == [11, 13, 15] and p3.ok.sum() == 0
+    p5 = M.pitome_matching(metric, 5, 0.5, (0,), valid)
+    real = [s for s, ok in zip(p5.src[0].tolist(), p5.ok[0].tolist()) if ok]
+    assert len(real) == 2 and all(valid[0, s] for s in real)
 
 
 def test_unmerge_copies_each_group_back():
@@ -212,6 +218,14 @@ def test_vit_tokens_shrink_as_scheduled():
     assert st["tokens_mlp"] == [49, 38, 33, 33] and st["tokens_attention"] == [65, 49, 38, 33]
     assert rec["after"]["flops"] < 0.75 * rec["before"]["flops"]
     assert rec["fidelity"]["cosine_mean"] > 0.95
+    per_block = st["blocks"]  # FLOPs per block, counted from the graph before and after
+    assert [b["tokens_mlp"] for b in per_block] == st["tokens_mlp"]
+    assert all(b["flops_after"] < b["flops_before"] for b in per_block)
+    assert [b["merge_flops"] > 0 for b in per_block] == [True, True, True, False]  # the r=0 block has no merge
+    last = per_block[-1]  # 33 tokens instead of 65: linears at 33/65, attention at (33/65)^2
+    assert 0.25 < last["flops_after"] / last["flops_before"] < 33 / 65
+    assert sum(b["flops_before"] for b in per_block) <= rec["before"]["flops"]
+    assert 0 < st["block_flops_saved"] < 1
     seen = record(gm, [ctx.inputs], fc1)  # the MLP input of each block, measured
     assert [seen[n][0].shape[1] for n in fc1] == st["tokens_mlp"]
     nodes = {n.name: n for n in gm.graph.nodes}
