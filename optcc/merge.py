@@ -136,7 +136,10 @@ def pitome_matching(metric: torch.Tensor, r: int, margin: float, protected: Sequ
     tokens = metric.shape[1]
     energy = energy_score(metric, margin, valid)
     if valid is not None:
-        energy = torch.where(valid, energy, torch.full_like(energy, PAD_SCORE))
+        # padding above every real energy (<= 1), later positions first: the 2r mergeable
+        # slots go to padding before real tokens, and padded sources are dropped (as in ToMe)
+        order = torch.arange(tokens, device=energy.device, dtype=energy.dtype) / tokens
+        energy = torch.where(valid, energy, 2.0 + order)
     if protected:
         energy = energy.masked_fill(_index_mask(tokens, protected, energy.device), -math.inf)
     mergeable = torch.topk(energy, 2 * r, dim=-1).indices  # [B, 2r], highest energy first
