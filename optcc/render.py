@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
@@ -59,6 +60,9 @@ def report_tables(r: dict) -> list[Any]:
                   _f(p["fidelity"]["cosine_mean"], 6), *task, _f(p["seconds"], 2))
     out.append(t)
     out += [_scores_table(p) for p in r["passes"] if (p.get("stats") or {}).get("scores")]
+    out += [_tokens_table(p) for p in r["passes"] if (p.get("stats") or {}).get("blocks")]
+    out += [_sqnr_table(p) for p in r["passes"] if (p.get("stats") or {}).get("sqnr_db_min") is not None]
+    out += _pass_notes(r["passes"])
     t = Table(title="artifacts")
     for c in ("format", "path", "size", "sha256"):
         t.add_column(c)
@@ -96,6 +100,52 @@ def _scores_table(p: dict) -> Table:
     for c in st["scores"]:
         t.add_row(str(c["index"]), c["name"], f"{c['score']:.4f}", "[red]yes[/red]" if c["index"] in removed else "")
     return t
+
+
+def _tokens_table(p: dict) -> Table:
+    """token_merge's per-block view: tokens in and out of each block and the FLOPs it saves."""
+    st = p["stats"]
+    t = Table(title=f"{p['name']} (pass {p['step']}): tokens and FLOPs per block",
+              caption=f"{st['tokens_before']} tokens into every block before; FLOPs at the example inputs, merge ops included")
+    for c in ("block", "r", "tokens attention → mlp", "GFLOPs before → after", "saved"):
+        t.add_column(c, justify="left" if c == "block" else "right")
+    for b in st["blocks"]:
+        saved = 1 - b["flops_after"] / b["flops_before"] if b["flops_before"] else 0.0
+        t.add_row(b["block"], str(b["r"]), f"{b['tokens_attention']} → {b['tokens_mlp']}",
+                  f"{b['flops_before'] / 1e9:.3g} → {b['flops_after'] / 1e9:.3g}", f"{saved:.0%}")
+    if st.get("block_flops_saved") is not None:
+        t.add_row("all blocks", str(sum(st["r"])), f"{st['tokens_before']} → {st['tokens_after']}", "", f"{st['block_flops_saved']:.0%}")
+    return t
+
+
+def _sqnr_table(p: dict, worst: int = 5) -> Table:
+    """quantize's per-layer error: the layers with the lowest SQNR, and the weight bytes."""
+    st = p["stats"]
+    wb = st["weight_bytes"]
+    t = Table(title=f"{p['name']} (pass {p['step']}): {st['scheme']}, {st['quantized']} linears, lowest SQNR first",
+              caption=f"weight bytes of the quantized linears {human_bytes(wb['before'])} → {human_bytes(wb['after'])}"
+                      + (f" ({wb['ratio']:.2f}x)" if wb.get("ratio") else "")
+                      + (f"; kept in fp32: {', '.join(st['excluded'])}" if st.get("excluded") else ""))
+    for c in ("layer", "bits", "SQNR dB"):
+        t.add_column(c, justify="left" if c == "layer" else "right")
+    layers = sorted(st["layers"], key=lambda l: l["sqnr_db"])
+    for l in layers[:worst]:
+        t.add_row(l["name"], str(l["bits"]), f"{l['sqnr_db']:.1f}")
+    if len(layers) > worst:
+        t.add_row(f"all {len(layers)}: min / mean", "", f"{st['sqnr_db_min']:.1f} / {st['sqnr_db_mean']:.1f}")
+    return t
+
+
+def _pass_notes(passes: list[dict]) -> list[str]:
+    """What passes said about their result (warnings, and notes such as 'slower on this CPU')."""
+    lines = []
+    for p in passes:
+        st = p.get("stats") or {}
+        said = list(st.get("warnings") or []) + list(st.get("notes") or []) + ([st["note"]] if st.get("note") else [])
+        for text in said:
+            style = "red" if text.startswith("SLOWER") else "yellow"
+            lines.append(f"[{style}]{p['name']} (pass {p['step']}): {escape(text)}[/{style}]")
+    return lines
 
 
 def structure_tree(name: str, task: str, s: Structure) -> Tree:

@@ -66,6 +66,13 @@ class Config:
                              f"scheme is {self.scheme}" + ("; int4-awq searches its own scales" if self.scheme == "int4-awq" else ""))
         if self.awq_grid < 1:
             raise ValueError(f"awq_grid must be >= 1, got {self.awq_grid}")
+        # an option the scheme does not read is a mistake in the recipe, not something to ignore
+        defaults = {f: Config.__dataclass_fields__[f].default for f in ("group_size", "int4_activations", "awq_grid", "awq_clip")}
+        int4, awq = ("int4-weight-only", "int4-awq"), ("int4-awq",)
+        applies = {"group_size": int4, "int4_activations": int4, "awq_grid": awq, "awq_clip": awq}
+        for name, schemes in applies.items():
+            if getattr(self, name) != defaults[name] and self.scheme not in schemes:
+                raise ValueError(f"{name} applies only to {' and '.join(schemes)}; scheme is {self.scheme}: drop {name}")
         for p in self.exclude:
             if p.startswith("re:"):
                 try:

@@ -223,6 +223,9 @@ def test_int4_awq_searches_and_folds():
     ("{scheme: int4-awq, smooth: {alpha: 0.5}}", "smooth applies to int8-dynamic"),
     ("{scheme: int8-dynamic, smooth: {alpha: 2}}", r"alpha must be in \[0, 1\]"),
     ('{exclude: ["re:(["]}', "not a valid regex"),
+    ("{scheme: int8-dynamic, group_size: 64}", "group_size applies only to int4-weight-only and int4-awq; scheme is int8-dynamic"),
+    ("{scheme: int4-weight-only, awq_grid: 10}", "awq_grid applies only to int4-awq"),
+    ("{scheme: int8-weight-only, int4_activations: int8}", "int4_activations applies only to int4"),
 ])
 def test_bad_config(text, msg):
     with pytest.raises(RecipeError, match=msg):
@@ -271,6 +274,19 @@ def test_int8_artifacts_run_integer_ops_and_reload_in_a_fresh_process(tmp_path):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
     assert float(res.stdout.strip().splitlines()[-1]) == 0.0
+    # the terminal shows the worst layers' SQNR, the weight bytes and the pass's notes
+    from rich.console import Console
+    from optcc.render import report_tables
+
+    con = Console(record=True, width=220)
+    for t in report_tables(report):
+        con.print(t)
+    text = con.export_text()
+    worst = min(st["layers"], key=lambda l: l["sqnr_db"])
+    assert "quantize (pass 1): int8-dynamic, 19 linears, lowest SQNR first" in text
+    assert next(line for line in text.splitlines() if worst["name"] in line).rstrip(" │").endswith(f"{worst['sqnr_db']:.1f}")
+    assert "weight bytes of the quantized linears" in text
+    assert all(f"quantize (pass 1): {n[:60]}" in " ".join(text.split()) for n in st["notes"])
 
 
 def test_decoder_int8_onnx(tmp_path):
