@@ -4,6 +4,9 @@ inputs are the plain inputs then past_<kind>_<layer>; outputs mirror them (logit
 present per past, in the same order)."""
 from __future__ import annotations
 
+import contextlib
+from typing import Optional
+
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
@@ -69,6 +72,19 @@ class CacheIO:
             b = int(v.shape[1]) * int(v.shape[3]) * v.element_size()
             total += b * retain if n.meta.get("cache_length", "past") != "past" else b
         return total
+
+
+def fake_like(val: torch.Tensor, shape: tuple, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Placeholder metadata for a new cache tensor, in the fake mode of an existing one."""
+    mode = getattr(val, "fake_mode", None)
+    with mode if mode is not None else contextlib.nullcontext():
+        return torch.empty(shape, dtype=dtype or val.dtype)
+
+
+def node_order(g: fx.Graph):
+    """Sort key: a node's position in the graph."""
+    index = {n: k for k, n in enumerate(g.nodes)}
+    return lambda n: index[n]
 
 
 def sync_signature(gm: fx.GraphModule) -> None:

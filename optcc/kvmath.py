@@ -1,5 +1,6 @@
-"""KV-cache math for kv_share: SLERP merging of two layers' cached K (or V) with per-token
-norms and retained token pairs (MiniCache), its reconstruction, and K/V similarity.
+"""KV-cache math: for kv_share, SLERP merging of two layers' cached K (or V) with per-token
+norms and retained token pairs (MiniCache), its reconstruction, and K/V similarity; for
+kv_quant, int8 codes with one scale per cached vector.
 
 Shapes: x_i, x_j [B, H, L, D] are the same position's keys (or values) of two layers.
 A merged pair is stored as
@@ -89,3 +90,24 @@ def similarity_matrix(xs: list[torch.Tensor]) -> torch.Tensor:
         for j in range(i + 1, n):
             out[i, j] = out[j, i] = cosine(xs[i], xs[j])
     return out
+
+
+QMAX = 127
+
+
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per cached vector: x [B, H, L, D] -> (codes int8 [B, H, L, D], scale [B, H, L, 1]).
+    Idempotent on its own output: the largest code of each vector is +-127, so dequantizing
+    and quantizing again gives the same scale and the same codes (a cache re-quantized at
+    every decode step does not drift)."""
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min(EPS) / QMAX
+    return torch.round(x / scale).clamp(-QMAX, QMAX).to(torch.int8), scale
+
+
+def dequantize_int8(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return codes.to(scale.dtype) * scale
+
+
+def int8_bytes_ratio(dim: int, itemsize: int = 4) -> float:
+    """Bytes of one cached vector as int8 codes + an fp32 scale, over the vector in `itemsize` floats."""
+    return (dim + 4) / (dim * itemsize)

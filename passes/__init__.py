@@ -5,3 +5,4 @@ from optcc.passes import layer_skip  # noqa: F401
 from optcc.passes import token_merge  # noqa: F401
 from optcc.passes import quantize  # noqa: F401
 from optcc.passes import kv_share  # noqa: F401
+from optcc.passes import kv_quant  # noqa: F401

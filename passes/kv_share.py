@@ -17,7 +17,6 @@ tokens, which is what makes re-merging at every decode step sound.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import operator
@@ -29,7 +28,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from optcc import kvmath
-from optcc.cacheio import CacheIO, retarget_sizes
+from optcc.cacheio import CacheIO, fake_like, node_order, retarget_sizes
 from optcc.context import PassContext
 from optcc.errors import PassError
 from optcc.probe import record
@@ -334,9 +333,9 @@ def _merge(gm: fx.GraphModule, io: CacheIO, pairs: list[tuple[int, int]], t: flo
         b, h, p, d = val.shape
         r = _fresh_size(val)
         # [B, H, P, D] direction, two [B, H, P, 1] norms, [B, H, R, 1] kept positions, [B, H, R, D] kept values
-        specs = [(f"{kind}_{i}_{j}_dir", val), (f"{kind}_{i}_norm", _fake(val, (b, h, p, 1))),
-                 (f"{kind}_{j}_norm", _fake(val, (b, h, p, 1))),
-                 (f"{kind}_{i}_{j}_kept_at", _fake(val, (b, h, r, 1), torch.long)), (f"{kind}_{i}_{j}_kept", _fake(val, (b, h, r, d)))]
+        specs = [(f"{kind}_{i}_{j}_dir", val), (f"{kind}_{i}_norm", fake_like(val, (b, h, p, 1))),
+                 (f"{kind}_{j}_norm", fake_like(val, (b, h, p, 1))),
+                 (f"{kind}_{i}_{j}_kept_at", fake_like(val, (b, h, r, 1), torch.long)), (f"{kind}_{i}_{j}_kept", fake_like(val, (b, h, r, d)))]
         new = []
         for k, (slot, v) in enumerate(specs):
             with g.inserting_after(anchor):
@@ -347,7 +346,7 @@ def _merge(gm: fx.GraphModule, io: CacheIO, pairs: list[tuple[int, int]], t: flo
             anchor = ph
             new.append(ph)
         stack = io.present[name].meta.get("nn_module_stack")
-        first_use = min((u for u in list(pi.users) + list(pj.users) if u.op == "call_function"), key=_order(g), default=None)
+        first_use = min((u for u in list(pi.users) + list(pj.users) if u.op == "call_function"), key=node_order(g), default=None)
         with g.inserting_before(first_use):
             restored = g.call_function(kvmath.restore, tuple(new))
             xi = g.call_function(operator.getitem, (restored, 0))
@@ -370,17 +369,6 @@ def _fresh_size(val: torch.Tensor):
     torch.export's input checks bind it at run time instead of pinning it to an example)."""
     env = getattr(getattr(val, "fake_mode", None), "shape_env", None)
     return env.create_unbacked_symint() if env is not None else 0
-
-
-def _fake(val: torch.Tensor, shape: tuple, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    mode = getattr(val, "fake_mode", None)
-    with mode if mode is not None else contextlib.nullcontext():
-        return torch.empty(shape, dtype=dtype or val.dtype)
-
-
-def _order(g: fx.Graph):
-    index = {n: k for k, n in enumerate(g.nodes)}
-    return lambda n: index[n]
 
 
 # ---------------------------------------------------------------------------- run
