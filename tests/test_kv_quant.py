@@ -144,9 +144,10 @@ def test_artifact_check_allows_int8_codes_to_round_apart_but_not_drift_or_ids_to
     nudged = codes.clone()
     nudged[0, 0, 0] = codes[0, 0, 0] + (1 if codes[0, 0, 0] < 127 else -1)   # float noise crossed a .5
     expected = [torch.ones(2, 3), codes, ids]
-    assert verify(lambda _: [torch.ones(2, 3), nudged, ids], {}, expected, 0, "a.onnx", 0.05)["max_abs_err"] == 0
+    for atol in (1e-3, 0.05):  # one code is a rounding boundary whatever the tolerance
+        assert verify(lambda _: [torch.ones(2, 3), nudged, ids], {}, expected, 0, "a.onnx", atol)["max_abs_err"] == 0
     drifted = (codes.to(torch.int32) // 2).to(torch.int8)
-    with pytest.raises(ExportError, match="int8 output differs .* codes"):
+    with pytest.raises(ExportError, match=r"int8 output differs from the graph's by \d+ codes \(allowed 6.35\)"):
         verify(lambda _: [torch.ones(2, 3), drifted, ids], {}, expected, 0, "a.onnx", 0.05)
     with pytest.raises(ExportError, match="integer output differs"):
         verify(lambda _: [torch.ones(2, 3), codes, ids + 1], {}, expected, 0, "a.onnx", 0.05)
