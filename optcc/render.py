@@ -105,7 +105,8 @@ def _scores_table(p: dict) -> Table:
 def _tokens_table(p: dict) -> Table:
     """token_merge's per-block view: tokens in and out of each block and the FLOPs it saves."""
     st = p["stats"]
-    t = Table(title=f"{p['name']} (pass {p['step']}): tokens and FLOPs per block",
+    title = f"{p['name']} (pass {p['step']}): tokens and FLOPs per block"
+    t = Table(title=title, min_width=len(title) + 2,  # the title on one line
               caption=f"{st['tokens_before']} tokens into every block before; FLOPs at the example inputs, merge ops included")
     for c in ("block", "r", "tokens attention → mlp", "GFLOPs before → after", "saved"):
         t.add_column(c, justify="left" if c == "block" else "right")
@@ -122,7 +123,8 @@ def _sqnr_table(p: dict, worst: int = 5) -> Table:
     """quantize's per-layer error: the layers with the lowest SQNR, and the weight bytes."""
     st = p["stats"]
     wb = st["weight_bytes"]
-    t = Table(title=f"{p['name']} (pass {p['step']}): {st['scheme']}, {st['quantized']} linears, lowest SQNR first",
+    title = f"{p['name']} (pass {p['step']}): {st['scheme']}, {st['quantized']} linears, lowest SQNR first"
+    t = Table(title=title, min_width=len(title) + 2,
               caption=f"weight bytes of the quantized linears {human_bytes(wb['before'])} → {human_bytes(wb['after'])}"
                       + (f" ({wb['ratio']:.2f}x)" if wb.get("ratio") else "")
                       + (f"; kept in fp32: {', '.join(st['excluded'])}" if st.get("excluded") else ""))
