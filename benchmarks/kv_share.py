@@ -1,7 +1,7 @@
 """KV bytes per token and quality of kv_share on the trained byte-level Llama.
 
     python benchmarks/kv_share.py                 # all variants (several minutes on 2 cores)
-    python benchmarks/kv_share.py --only share    # or merge
+    python benchmarks/kv_share.py --only share    # or merge, kv_quant (repeatable)
     python benchmarks/kv_share.py --json out.json
 
 Every variant is one `optcc apply` (same recipe apart from the pass) on builtin:byte-llama;
@@ -12,26 +12,25 @@ merged cache (MiniCache merges what is stored, the tokens of one call attend unm
 the script also measures **streamed perplexity**: the same windows fed one byte per call
 through the ONNX artifact, each call reading the cache the previous call wrote, which is
 what generation sees. Targets: share factor 2 <= 0.55x KV bytes; merge on the upper half
-<= 0.7x KV bytes with <= 3% perplexity increase.
+<= 0.7x KV bytes with <= 3% perplexity increase; with the int8 cache (kv_quant) <= 0.3x.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from optcc.api import apply  # noqa: E402
 from optcc.decoder import CacheSpec, no_guard_module  # noqa: E402
 from optcc.emit import load_onnx  # noqa: E402
+from optcc.genbench import streamed_perplexity  # noqa: E402
 from optcc.zoo import data as zoo  # noqa: E402
 
 SEQ = 128  # bytes per evaluation window
@@ -57,22 +56,9 @@ VARIANTS = {
     "merge start 0.5 (upper half)": "[{kv_share: {mode: merge, start: 0.5}}]",
     "merge start 0.5, retain 0.2": "[{kv_share: {mode: merge, start: 0.5, retain: 0.2}}]",
     "merge start 0.33": "[{kv_share: {mode: merge, start: 0.33}}]",
+    "kv_quant (int8 cache)": "[kv_quant]",
+    "kv_quant after merge start 0.5": "[{kv_share: {mode: merge, start: 0.5}}, kv_quant]",
 }
-
-
-def streamed_perplexity(onnx_path: Path, spec: CacheSpec, windows: torch.Tensor, chunk: int = 1) -> float:
-    """Per-byte perplexity when each window [N, SEQ+1] is fed `chunk` bytes per call through the
-    artifact, the cache of each call feeding the next (generation's access pattern)."""
-    run = load_onnx(onnx_path)
-    ids, targets = windows[:, :-1], windows[:, 1:]
-    past = spec.empty(ids.shape[0])
-    logits = []
-    for s in range(0, ids.shape[1], chunk):
-        out = run({"input_ids": ids[:, s:s + chunk], **past})
-        logits.append(out[0])
-        past = dict(zip(spec.names(), out[1:]))
-    lg = torch.cat(logits, 1).float()
-    return math.exp(float(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets.reshape(-1))))
 
 
 def run_variant(name: str, passes: str, work: Path, windows: torch.Tensor) -> dict:
@@ -84,7 +70,7 @@ def run_variant(name: str, passes: str, work: Path, windows: torch.Tensor) -> di
     seconds = time.perf_counter() - t0
     spec = CacheSpec.read(out / "decoder.json")
     with no_guard_module():
-        streamed = streamed_perplexity(out / "model.onnx", spec, windows)
+        streamed = streamed_perplexity(load_onnx(out / "model.onnx"), spec, windows)
     stats = report["passes"][0]["stats"] if report["passes"] else {}
     gen = report["generation"]
     return {
@@ -105,14 +91,15 @@ def run_variant(name: str, passes: str, work: Path, windows: torch.Tensor) -> di
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", choices=("share", "merge"))
+    ap.add_argument("--only", choices=("share", "merge", "kv_quant"), action="append",
+                    help="variants whose name starts with this (repeatable); the baseline always runs")
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     ids = zoo.byte_encode(zoo.load_text_split("byte-llama", "eval"))
     windows = torch.stack([w for w in zoo.lm_windows(ids, SEQ) if w.numel() == SEQ + 1][:WINDOWS])
-    names = [n for n in VARIANTS if n == "baseline" or args.only is None or n.startswith(args.only)]
+    names = [n for n in VARIANTS if n == "baseline" or args.only is None or n.startswith(tuple(args.only))]
     rows = []
     t0 = time.perf_counter()
     for name in names:

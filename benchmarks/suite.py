@@ -98,44 +98,81 @@ def w2(quick: bool, threads: int, work: Path, recipes: list[Path]) -> list[dict]
     return rows
 
 
-def w3(quick: bool, threads: int, work: Path, recipes: list[Path]) -> list[dict]:
-    """Generation: Llama-style ~100M config, prompt 512, 128 new tokens (or a tiny smoke config)."""
+def _plain_decoder(source: str, folder: Path, threads: int):
+    """A decoder without optcc: captured with its cache explicit (Optimum's layout), exported to
+    ONNX, and that export through onnxruntime's quantize_dynamic. -> (prep, {name: step})."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
     from optcc.api import prepare
-    from optcc.decoder import no_guard_module
-    from optcc.emit import emit_all
-    from optcc.genbench import bench_generation, prompt_ids
     from optcc.capture import capture, flat_outputs
+    from optcc.decoder import dynamic_shapes
+    from optcc.emit import emit_all, load_onnx
     from optcc.recipe import parse_recipe
+
+    # batch 2: export specializes a batch dimension of 1 (the quality windows are a batch)
+    prep = prepare(source, None, None, parse_recipe("version: 1\nmodel: {inputs: {batch: 2, seq_len: 16}}\n"))
+    folder.mkdir()
+    gm = capture(prep.lm.module, prep.inputs, True, dynamic_shapes(prep.cache)).module()
+    plain = emit_all(gm, prep.inputs, ("onnx",), 18, folder, 0, 1e-3, True, threads,
+                     dynamic_shapes(prep.cache), prep.cache.output_names())[0]
+    qpath = folder / "plain.int8.onnx"
+    quantize_dynamic(str(plain.path), str(qpath), weight_type=QuantType.QInt8)
+    return prep, {"torch eager fp32 (HF cache)": lambda b: flat_outputs(prep.lm.module(**b)),
+                  "plain ONNX export (Optimum cache layout)": plain.runner,
+                  "plain ONNX export + quantize_dynamic int8": load_onnx(qpath, threads)}
+
+
+def w3(quick: bool, threads: int, work: Path, recipes: list[Path]) -> list[dict]:
+    """Generation. Speed: Llama-style ~100M config (random weights), prompt 512, 128 new
+    tokens. Quality: the reference LM (trained byte-llama), perplexity per byte with the
+    held-out text fed one byte per call through each contender's own cache."""
+    from optcc.decoder import no_guard_module
+    from optcc.genbench import bench_generation, prompt_ids, streamed_perplexity
+    from optcc.zoo import data as zoo
 
     source = "builtin:tiny-llama" if quick else "builtin:llama-100m"
     prompt_len, new = (8, 4) if quick else (512, 128)
-    recipe = parse_recipe(f"version: 1\nmodel: {{inputs: {{batch: 1, seq_len: 16}}}}\ngenerate: {{new_tokens: {new}}}\n")
-    prep = prepare(source, None, None, recipe)
-    steps = {"baseline": lambda b: flat_outputs(prep.lm.module(**b))}
-    folder = work / "w3"
-    folder.mkdir()
+    rows = []
     with no_guard_module():
-        from optcc.decoder import dynamic_shapes
-
-        gm = capture(prep.lm.module, prep.inputs, True, dynamic_shapes(prep.cache)).module()
-        plain = emit_all(gm, prep.inputs, ("onnx",), 18, folder, 0, 1e-3, True, threads,
-                         dynamic_shapes(prep.cache), prep.cache.output_names())[0]
-        steps["plain ONNX export (Optimum cache layout)"] = plain.runner
+        prep, plain = _plain_decoder(source, work / "w3", threads)
+        steps = {"baseline": plain.pop("torch eager fp32 (HF cache)"), **plain}
         specs = {}
         for rec in recipes:
-            art = H.optcc_artifacts(rec, source, folder, threads, {"batch": 1, "seq_len": 16})
+            art = H.optcc_artifacts(rec, source, work / "w3", threads, {"batch": 1, "seq_len": 16})
             for fmt, run in art["runners"].items():
                 steps[f"optcc {rec.stem} ({fmt})"] = run
-                specs[f"optcc {rec.stem} ({fmt})"] = art["cache"]  # kv_share may change the cache layout
+                specs[f"optcc {rec.stem} ({fmt})"] = art["cache"]  # kv_share / kv_quant change the cache layout
         prompt = prompt_ids(prep.cache, None, prompt_len, 1)
         res = bench_generation(steps, prep.cache, prompt, new, 1 if quick else 2, specs=specs)
-    rows = []
-    params = sum(p.numel() for p in prep.lm.module.parameters())
-    for name, v in [("torch eager fp32 (HF cache)", res["baseline"])] + list(res["optimized"].items()):
-        rows.append({"workload": "W3", "case": f"{source} ({params / 1e6:.1f}M params) prompt {prompt_len}, {new} new tokens",
-                     "contender": name, "ttft_ms": v["ttft_ms"], "decode_tokens_per_s": v["decode_tokens_per_s"],
-                     "kv_bytes_per_token": v["kv_bytes_per_token"],
-                     "greedy_match": res["greedy_match_by_backend"].get(name, True)})
+        params = sum(p.numel() for p in prep.lm.module.parameters())
+        case = f"{source} ({params / 1e6:.1f}M params) prompt {prompt_len}, {new} new tokens"
+        base = res["baseline"]["decode_tokens_per_s"]
+        plain_int8 = res["optimized"]["plain ONNX export + quantize_dynamic int8"]
+        for name, v in [("torch eager fp32 (HF cache)", res["baseline"])] + list(res["optimized"].items()):
+            rows.append({"workload": "W3", "case": case, "contender": name, "ttft_ms": v["ttft_ms"],
+                         "decode_tokens_per_s": v["decode_tokens_per_s"],
+                         "decode_vs_fp32": v["decode_tokens_per_s"] / base,
+                         "decode_vs_plain_int8": v["decode_tokens_per_s"] / plain_int8["decode_tokens_per_s"],
+                         "kv_bytes_per_token": v["kv_bytes_per_token"],
+                         "kv_bytes_ratio": v["kv_bytes_per_token"] / res["baseline"]["kv_bytes_per_token"],
+                         "greedy_match": res["greedy_match_by_backend"].get(name, True)})
+
+        # quality on the reference LM: the same contenders built from the trained checkpoint
+        n, seq = (2, 16) if quick else (32, 128)
+        ids = zoo.byte_encode(zoo.load_text_split("byte-llama", "eval"))
+        windows = torch.stack([w for w in zoo.lm_windows(ids, seq) if w.numel() == seq + 1][:n])
+        ref, steps = _plain_decoder("builtin:byte-llama", work / "w3-ref", threads)
+        specs = {name: ref.cache for name in steps}
+        for rec in recipes:
+            art = H.optcc_artifacts(rec, "builtin:byte-llama", work / "w3-ref", threads, {"batch": 2, "seq_len": 16})
+            for fmt, run in art["runners"].items():
+                steps[f"optcc {rec.stem} ({fmt})"], specs[f"optcc {rec.stem} ({fmt})"] = run, art["cache"]
+        ppl = {name: streamed_perplexity(step, specs[name], windows) for name, step in steps.items()}
+        first = next(iter(ppl.values()))
+        for name, p in ppl.items():
+            rows.append({"workload": "W3", "case": f"reference LM (byte-llama): held-out perplexity per byte, "
+                                                   f"{n} windows of {seq} bytes fed one byte per call",
+                         "contender": name, "perplexity": p, "perplexity_change": p / first - 1})
     return rows
 
 

@@ -3,9 +3,10 @@ per token for eager torch and each artifact, interleaved round by round, plus
 whether each artifact's greedy tokens equal eager torch's."""
 from __future__ import annotations
 
-from typing import Callable
+import math
 
 import torch
+import torch.nn.functional as F
 
 from optcc.bench import percentile
 from optcc.decoder import CacheSpec, Step, generate
@@ -74,3 +75,20 @@ def prompt_ids(spec: CacheSpec, text: str | None, length: int, batch: int, seed:
             return ids.unsqueeze(0).repeat(batch, 1)
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, spec.vocab_size, (batch, length), generator=g)
+
+
+def streamed_perplexity(step: Step, spec: CacheSpec, windows: torch.Tensor, chunk: int = 1) -> float:
+    """Perplexity per token when each window [N, T+1] is fed `chunk` tokens per call through
+    `step`, each call reading the cache the previous call returned: what generation sees, and
+    what a prefill-only evaluation misses when a pass changes the stored cache (MiniCache
+    merging, an int8 cache)."""
+    ids, targets = windows[:, :-1], windows[:, 1:]
+    past = spec.empty(ids.shape[0])
+    logits = []
+    with torch.no_grad():
+        for s in range(0, ids.shape[1], chunk):
+            out = step({"input_ids": ids[:, s:s + chunk], **past})
+            logits.append(out[0])
+            past = dict(zip(spec.names(), out[1:]))
+    lg = torch.cat(logits, 1).float()
+    return math.exp(float(F.cross_entropy(lg.reshape(-1, lg.shape[-1]), targets.reshape(-1))))
