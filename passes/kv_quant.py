@@ -1,13 +1,15 @@
 """kv_quant: store a decoder's KV cache as int8 codes with one fp32 scale per cached vector.
 
-Every floating-point cache slot whose vectors have more than one element (the keys and
-values of each layer, or kv_share's merged directions and retained vectors) becomes two
+Every floating-point cache slot that grows with the past and whose vectors have more than
+one element (the keys and values of each layer, or kv_share's merged directions) becomes two
 slots: `<slot>_int8` [B, H, L, D] int8 and `<slot>_scale` [B, H, L, 1] fp32. The graph
 dequantizes the past where it first read it (attention sees the past as stored and the
 new tokens' own K/V at full precision) and quantizes what it returns. Re-quantizing a
 dequantized vector gives the same codes (optcc/kvmath.py), so a cache written back at
-every decode step does not drift. Slots of one element per vector (kv_share's norms) and
-integer slots stay as they are.
+every decode step does not drift. Slots of one element per vector (kv_share's norms),
+integer slots and slots of their own length (kv_share merge's retained tokens, a few per
+cent of the tokens) stay as they are: quantizing the latter made torch.export specialise
+the past length when the example holds no retained token.
 
 Bytes per cached vector: (D + 4) / 4D of fp32, e.g. 0.27x at head_dim 48. Prefill reads
 no past, so its logits (and prefill perplexity) are unchanged; the cost shows in
@@ -37,7 +39,8 @@ class Config:
 
 def _quantizable(ph: fx.Node) -> bool:
     v = ph.meta.get("val")
-    return isinstance(v, torch.Tensor) and v.dtype.is_floating_point and v.dim() == 4 and int(v.shape[3]) > 1
+    return (isinstance(v, torch.Tensor) and v.dtype.is_floating_point and v.dim() == 4 and int(v.shape[3]) > 1
+            and ph.meta.get("cache_length", "past") == "past")
 
 
 @register("kv_quant", Config, summary="int8 KV cache: codes + one scale per cached vector, dequantized where read",

@@ -79,13 +79,14 @@ def test_every_layer_cache_becomes_int8_codes_and_scales(source, task):
     assert rec["fidelity"]["cosine_mean"] > 0.999 and rec["fidelity"]["max_abs_err"] > 0
 
 
-def test_after_minicache_merge_directions_and_kept_vectors_are_int8_norms_stay():
+def test_after_minicache_merge_directions_are_int8_norms_and_retained_tokens_stay():
     _, gm, ctx, (merge, rec) = _run("builtin:tiny-llama", None, "[{kv_share: {mode: merge, start: 0.5, retain: 0.25}}, kv_quant]")
     st = rec["stats"]
-    assert "key_2_3_dir" in st["quantized_slots"] and "key_2_3_kept" in st["quantized_slots"]
-    assert {"key_2_norm", "value_3_norm", "key_2_3_kept_at"} <= set(st["kept_slots"])
+    assert "key_2_3_dir" in st["quantized_slots"] and "value_0" in st["quantized_slots"]
+    assert {"key_2_norm", "value_3_norm", "key_2_3_kept_at", "key_2_3_kept"} <= set(st["kept_slots"])
     slots = {s["name"]: s for s in ctx.cache.slot_list()}
-    assert slots["key_2_3_kept_int8"]["length"] == slots["key_2_3_kept_scale"]["length"] == "retained"
+    assert slots["key_2_3_dir_int8"]["length"] == slots["key_2_3_dir_scale"]["length"] == "past"
+    assert slots["key_2_3_kept"]["length"] == "retained" and slots["key_2_3_kept"]["dtype"] == "float32"
     assert slots["key_2_3_kept_at"]["dtype"] == "int64" and slots["key_2_norm"]["dtype"] == "float32"
     # vs the merged cache: int8 directions at head_dim 16 are 20/64, the fp32 norms stay
     assert 0.3 < st["kv_bytes_per_token"]["ratio"] < 0.4
@@ -130,6 +131,25 @@ require: {kv_bytes_ratio: "<= 0.4"}
             toks, t2 = generate(runner, spec, prompt, 6)
             assert torch.equal(toks, ref) and t2["kv_bytes_per_token"] == t["kv_bytes_per_token"]
 
+
+
+def test_after_merge_the_saved_pt2_reloads_and_decodes_like_the_onnx(tmp_path):
+    """merge + kv_quant: the .pt2 failed to deserialize outside optcc's export settings."""
+    out = tmp_path / "o"
+    apply(write_recipe(tmp_path, """
+version: 1
+model: {inputs: {batch: 2, seq_len: 16}}
+passes: [{kv_share: {mode: merge}}, kv_quant]
+emit: {formats: [onnx, torch], atol: 0.05}
+generate: {new_tokens: 4, batch: 1, rounds: 1}
+bench: {enabled: false}
+"""), "builtin:tiny-llama", out)
+    spec = CacheSpec.read(out / "decoder.json")
+    assert any(s["length"] != "past" for s in spec.slot_list())  # merge's own-length slots
+    prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), no_guard_module():
+        toks = [generate(run, spec, prompt, 6)[0] for run in (load_onnx(out / "model.onnx"), load_torch(out / "model.pt2"))]
+    assert torch.equal(toks[0], toks[1])
 
 def test_registered_for_decoders_after_the_structural_cache_passes():
     spec = registry.get("kv_quant")
