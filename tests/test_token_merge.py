@@ -226,6 +226,12 @@ def test_vit_tokens_shrink_as_scheduled():
     assert 0.25 < last["flops_after"] / last["flops_before"] < 33 / 65
     assert sum(b["flops_before"] for b in per_block) <= rec["before"]["flops"]
     assert 0 < st["block_flops_saved"] < 1
+    from rich.console import Console
+    from optcc.render import _tokens_table
+    con = Console(record=True, width=200)
+    con.print(_tokens_table({"name": "token_merge", "step": 1, "stats": st}))
+    text = con.export_text()  # what `optcc apply` shows per block
+    assert "token_merge (pass 1): tokens and FLOPs per block" in text and "65 → 49" in text and "all blocks" in text
     seen = record(gm, [ctx.inputs], fc1)  # the MLP input of each block, measured
     assert [seen[n][0].shape[1] for n in fc1] == st["tokens_mlp"]
     nodes = {n.name: n for n in gm.graph.nodes}
