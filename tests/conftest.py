@@ -1,5 +1,6 @@
 import os
 import sys
+from functools import lru_cache
 from pathlib import Path
 
 import pytest
@@ -31,3 +32,25 @@ bench: {warmup: 1, iters: 2, min_seconds: 0.0}
 @pytest.fixture
 def fast_recipe(tmp_path):
     return write_recipe(tmp_path, FAST_RECIPE)
+
+
+@lru_cache(maxsize=None)
+def captured_decoder(source: str, task=None):
+    """(prep, graph) of a decoder captured with its explicit KV cache, as `optcc apply` does
+    (batch 2, seq_len 12); cached per model: callers deep-copy the graph before editing it."""
+    from optcc.api import prepare
+    from optcc.capture import capture
+    from optcc.decoder import dynamic_shapes, no_guard_module
+    from optcc.recipe import parse_recipe
+
+    prep = prepare(source, task, None, parse_recipe("version: 1\nmodel: {inputs: {batch: 2, seq_len: 12}}\n"))
+    with no_guard_module():
+        gm = capture(prep.lm.module, prep.inputs, True, dynamic_shapes(prep.cache)).module()
+    return prep, gm
+
+
+def pass_context(prep):
+    """The PassContext `optcc apply` builds for a prepared model."""
+    from optcc.context import PassContext
+
+    return PassContext(prep.lm.task, prep.inputs, prep.reference, prep.primary, prep.causal, cache=prep.cache, prefix=prep.prefix)

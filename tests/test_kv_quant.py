@@ -2,17 +2,14 @@
 kv_share merge), artifacts that generate like the optimized graph, bad input."""
 import copy
 import json
-from functools import lru_cache
 
 import pytest
 import torch
 
-from conftest import HANDWRITTEN, write_recipe
+from conftest import HANDWRITTEN, captured_decoder, pass_context, write_recipe
 from optcc import kvmath, registry
-from optcc.api import apply, prepare
-from optcc.capture import capture
-from optcc.context import PassContext
-from optcc.decoder import CacheSpec, dynamic_shapes, generate, no_guard_module
+from optcc.api import apply
+from optcc.decoder import CacheSpec, generate, no_guard_module
 from optcc.emit import load_onnx, load_torch
 from optcc.errors import PassError
 from optcc.manager import run_passes
@@ -40,17 +37,9 @@ def test_int8_codes_round_trip_within_half_a_step_and_requantize_exactly():
 # ------------------------------------------------------------------ graphs
 
 
-@lru_cache(maxsize=None)
-def _captured(source: str, task):
-    prep = prepare(source, task, None, parse_recipe("version: 1\nmodel: {inputs: {batch: 2, seq_len: 12}}\n"))
-    with no_guard_module():
-        gm = capture(prep.lm.module, prep.inputs, True, dynamic_shapes(prep.cache)).module()
-    return prep, gm
-
-
 def _run(source, task, passes: str):
-    prep, gm = _captured(source, task)
-    ctx = PassContext(prep.lm.task, prep.inputs, prep.reference, prep.primary, prep.causal, cache=prep.cache, prefix=prep.prefix)
+    prep, gm = captured_decoder(source, task)
+    ctx = pass_context(prep)
     with no_guard_module():
         gm, records = run_passes(copy.deepcopy(gm), parse_recipe(f"version: 1\npasses: {passes}\n").passes, ctx)
     return prep, gm, ctx, records

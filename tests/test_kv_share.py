@@ -2,18 +2,15 @@
 explicit-cache decoder graphs, artifacts that generate like the optimized graph, bad input."""
 import copy
 import json
-from functools import lru_cache
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import HANDWRITTEN, write_recipe
+from conftest import HANDWRITTEN, captured_decoder, pass_context, write_recipe
 from optcc import kvmath, registry
-from optcc.api import apply, prepare
-from optcc.capture import capture
-from optcc.context import PassContext
-from optcc.decoder import CacheSpec, dynamic_shapes, generate, no_guard_module, own_inputs
+from optcc.api import apply
+from optcc.decoder import CacheSpec, generate, no_guard_module, own_inputs
 from optcc.emit import load_onnx, load_torch
 from optcc.errors import PassError, RecipeError
 from optcc.manager import run_passes
@@ -94,19 +91,11 @@ def test_config_defaults():
 # ------------------------------------------------------------------ graphs
 
 
-@lru_cache(maxsize=None)
-def _captured(source: str, task):
-    prep = prepare(source, task, None, parse_recipe("version: 1\nmodel: {inputs: {batch: 2, seq_len: 12}}\n"))
-    with no_guard_module():
-        gm = capture(prep.lm.module, prep.inputs, True, dynamic_shapes(prep.cache)).module()
-    return prep, gm
-
-
 def _run(source, task, body: str, edit=None):
     """kv_share through the pass manager (its checks included) on a fresh copy of the graph."""
-    prep, gm = _captured(source, task)
+    prep, gm = captured_decoder(source, task)
     gm = copy.deepcopy(gm)
-    ctx = PassContext(prep.lm.task, prep.inputs, prep.reference, prep.primary, prep.causal, cache=prep.cache, prefix=prep.prefix)
+    ctx = pass_context(prep)
     if edit:  # the edited model's own decode-shaped inputs and outputs become the reference
         edit(gm, ctx)
         ctx.inputs = own_inputs(gm, prep.cache, prep.prefix, prep.inputs["input_ids"])
@@ -155,7 +144,7 @@ def test_share_removes_consumer_cache_and_projections_and_is_exact_for_identical
     assert ctx.cache.output_names()[1:] == [p.replace("past_", "present_") for p in places[1:]]
     outputs = list(gm(**ctx.inputs))
     assert len(outputs) == len(places)
-    s0 = ctx.structure(_captured(source, task)[1])
+    s0 = ctx.structure(captured_decoder(source, task)[1])
     for j in consumers:
         a = s0.blocks[j].attention
         if a.fused_qkv:  # GPT-2 c_attn keeps only its q columns

@@ -8,7 +8,7 @@ from functools import lru_cache
 import pytest
 import torch
 
-from conftest import HANDWRITTEN, write_recipe
+from conftest import HANDWRITTEN, pass_context, write_recipe
 from optcc import influence, registry
 from optcc.api import apply, prepare
 from optcc.capture import capture, flat_outputs
@@ -138,7 +138,7 @@ def _prepared(source, task):
 
 def _model_ctx(source, task=None):
     prep, gm = _prepared(source, task)
-    ctx = PassContext(prep.lm.task, prep.inputs, prep.reference, prep.primary, prep.causal, cache=prep.cache, prefix=prep.prefix)
+    ctx = pass_context(prep)
     return copy.deepcopy(gm), ctx
 
 
