@@ -87,12 +87,13 @@ def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
                 node.meta["nn_module_stack"] = stack
         slots.extend(zip(new, outs))
     io.rebuild(slots)
-    after = CacheIO(gm, "kv_quant").kv_bytes()
+    rebuilt = CacheIO(gm, "kv_quant")
+    after = rebuilt.kv_bytes()
     return PassResult(gm, modified=True, stats={
         "dtype": cfg.dtype,
         "quantized_slots": targets,
         "kept_slots": [k for k in io.past if k not in targets],
         # bytes per token (per batch row) of the slots that grow with the past, from the graph's cache inputs
         "kv_bytes_per_token": {"before": before, "after": after, "ratio": round(after / before, 4) if before else None},
-        "cache_slots": list(CacheIO(gm, "kv_quant").past),
+        "cache_slots": list(rebuilt.past),
     })
