@@ -155,3 +155,11 @@ def count_flops(model: torch.nn.Module, inputs: dict) -> int:
 
 def workdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="optcc-bench-"))
+
+
+def held_out_windows(seq: int, n: int) -> torch.Tensor:
+    """The first n full windows [n, seq + 1] of the reference LM's held-out bytes."""
+    from optcc.zoo import data as zoo
+
+    ids = zoo.byte_encode(zoo.load_text_split("byte-llama", "eval"))
+    return torch.stack([w for w in zoo.lm_windows(ids, seq) if w.numel() == seq + 1][:n])

@@ -27,11 +27,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.harness import held_out_windows  # noqa: E402
 from optcc.api import apply  # noqa: E402
 from optcc.decoder import CacheSpec, no_guard_module  # noqa: E402
 from optcc.emit import load_onnx  # noqa: E402
 from optcc.genbench import streamed_perplexity  # noqa: E402
-from optcc.zoo import data as zoo  # noqa: E402
 
 SEQ = 128  # bytes per evaluation window
 WINDOWS = 32  # evaluation windows (4,096 predicted bytes)
@@ -97,8 +97,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    ids = zoo.byte_encode(zoo.load_text_split("byte-llama", "eval"))
-    windows = torch.stack([w for w in zoo.lm_windows(ids, SEQ) if w.numel() == SEQ + 1][:WINDOWS])
+    windows = held_out_windows(SEQ, WINDOWS)
     names = [n for n in VARIANTS if n == "baseline" or args.only is None or n.startswith(tuple(args.only))]
     rows = []
     t0 = time.perf_counter()

@@ -122,13 +122,28 @@ def _plain_decoder(source: str, folder: Path, threads: int):
                   "plain ONNX export + quantize_dynamic int8": load_onnx(qpath, threads)}
 
 
+def _optcc_steps(recipes: list[Path], source: str, folder: Path, threads: int, steps: dict) -> dict:
+    """Add every recipe's artifacts (built at batch 4 x 64 on `source`) to `steps`; -> their own
+    cache layouts (kv_share / kv_quant change it). A recipe that fails on this model is left
+    out with its reason: it must not take the workload down."""
+    specs = {}
+    for rec in recipes:
+        try:
+            art = H.optcc_artifacts(rec, source, folder, threads, {"batch": 4, "seq_len": 64})
+        except Exception as e:
+            print(f"  optcc {rec.name} on {source}: {e}")
+            continue
+        for fmt, run in art["runners"].items():
+            steps[f"optcc {rec.stem} ({fmt})"], specs[f"optcc {rec.stem} ({fmt})"] = run, art["cache"]
+    return specs
+
+
 def w3(quick: bool, threads: int, work: Path, recipes: list[Path]) -> list[dict]:
     """Generation. Speed: Llama-style ~100M config (random weights), prompt 512, 128 new
     tokens. Quality: the reference LM (trained byte-llama), perplexity per byte with the
     held-out text fed one byte per call through each contender's own cache."""
     from optcc.decoder import no_guard_module
     from optcc.genbench import bench_generation, prompt_ids, streamed_perplexity
-    from optcc.zoo import data as zoo
 
     source = "builtin:tiny-llama" if quick else "builtin:llama-100m"
     prompt_len, new = (8, 4) if quick else (512, 128)
@@ -136,16 +151,7 @@ def w3(quick: bool, threads: int, work: Path, recipes: list[Path]) -> list[dict]
     with no_guard_module():
         prep, plain = _plain_decoder(source, work / "w3", threads)
         steps = {"baseline": plain.pop("torch eager fp32 (HF cache)"), **plain}
-        specs = {}
-        for rec in recipes:
-            try:
-                art = H.optcc_artifacts(rec, source, work / "w3", threads, {"batch": 4, "seq_len": 64})
-            except Exception as e:  # a recipe that fails on this model must not take the workload down
-                print(f"  optcc {rec.name} on {source}: {e}")
-                continue
-            for fmt, run in art["runners"].items():
-                steps[f"optcc {rec.stem} ({fmt})"] = run
-                specs[f"optcc {rec.stem} ({fmt})"] = art["cache"]  # kv_share / kv_quant change the cache layout
+        specs = _optcc_steps(recipes, source, work / "w3", threads, steps)
         prompt = prompt_ids(prep.cache, None, prompt_len, 1)
         res = bench_generation(steps, prep.cache, prompt, new, 1 if quick else 2, specs=specs)
         params = sum(p.numel() for p in prep.lm.module.parameters())
@@ -163,18 +169,10 @@ def w3(quick: bool, threads: int, work: Path, recipes: list[Path]) -> list[dict]
 
         # quality on the reference LM: the same contenders built from the trained checkpoint
         n, seq = (2, 16) if quick else (32, 128)
-        ids = zoo.byte_encode(zoo.load_text_split("byte-llama", "eval"))
-        windows = torch.stack([w for w in zoo.lm_windows(ids, seq) if w.numel() == seq + 1][:n])
+        windows = H.held_out_windows(seq, n)
         ref, steps = _plain_decoder("builtin:byte-llama", work / "w3-ref", threads)
         specs = {name: ref.cache for name in steps}
-        for rec in recipes:
-            try:
-                art = H.optcc_artifacts(rec, "builtin:byte-llama", work / "w3-ref", threads, {"batch": 4, "seq_len": 64})
-            except Exception as e:
-                print(f"  optcc {rec.name} on builtin:byte-llama: {e}")
-                continue
-            for fmt, run in art["runners"].items():
-                steps[f"optcc {rec.stem} ({fmt})"], specs[f"optcc {rec.stem} ({fmt})"] = run, art["cache"]
+        specs.update(_optcc_steps(recipes, "builtin:byte-llama", work / "w3-ref", threads, steps))
         ppl = {name: streamed_perplexity(step, specs[name], windows) for name, step in steps.items()}
         first = next(iter(ppl.values()))
         for name, p in ppl.items():
