@@ -9,9 +9,9 @@ and the ONNX op read the same tensors:
   CPU has int8 dot-product instructions, else the same codes multiplied in fp32
   (see int8_gemm_kernel); dequant in fp32. ONNX: the same per-token codes, offset by 128 to uint8 by one per-row
   QuantizeLinear, into com.microsoft MatMulIntegerToFloat with a_zero_point 128
-  and the weights offset by 128 to uint8 as well (u8·u8: exact on every CPU, where
-  u8·s8 saturates without VNNI; onnxruntime's DynamicQuantizeLinear is per-tensor
-  only), then the same fp32 scale multiplies. Both build identical int32 accumulators,
+  and int8 weights (u8·s8) on CPUs with VNNI/AMX, else the weights offset by 128 to
+  uint8 (u8·u8: u8·s8 saturates without VNNI; see onnx_int8_layout; onnxruntime's
+  DynamicQuantizeLinear is per-tensor only), then the same fp32 scale multiplies. Both build identical int32 accumulators,
   so the artifacts agree to float rounding (see docs/quantize.md for when not).
 - optcc::linear_w8 — int8 per-channel weight-only: dequantize, fp32 matmul.
   ONNX: DequantizeLinear(axis=1) + MatMul.
@@ -97,6 +97,26 @@ def int8_gemm_kernel() -> str:
 
 INT8_GEMM = int8_gemm_kernel()  # the kernel the op uses in this process; reports read this
 
+_X86 = ("x86_64", "AMD64", "i386", "i686")
+
+
+def onnx_int8_layout() -> str:
+    """How the ONNX int8-dynamic translation stores weights: "u8s8" (int8 weights, what
+    onnxruntime's own quantizer emits) or "u8u8" (weights offset by 128 to uint8, zero point 128).
+
+    On x86 with VNNI / AMX, onnxruntime's u8·s8 GEMM accumulates in int32 (exact) and is about
+    2x faster than its u8·u8 one (6.6 vs 12.4 ms for a 1024×384→1536 layer, 2 threads, Zen 4).
+    On x86 without them (AVX2's vpmaddubsw) u8·s8 saturates int16 pair sums (255·127·2 > 32767)
+    and returns wrong values; u8·u8 is exact there and as fast. Other CPUs take u8·u8, which is
+    exact on every onnxruntime kernel. The choice is made on the machine that compiles (an artifact
+    meant for a different CPU: set it); OPTCC_ONNX_INT8=u8s8|u8u8 overrides it, and emit's
+    artifact check fails a u8s8 artifact that saturates on the machine that checks it."""
+    forced = os.environ.get("OPTCC_ONNX_INT8")
+    if forced in ("u8s8", "u8u8"):
+        return forced
+    vnni = {"avx512_vnni", "avx_vnni", "amx_int8"}
+    return "u8s8" if platform.machine() in _X86 and _cpu_flags() & vnni else "u8u8"
+
 
 @torch.library.custom_op("optcc::linear_dq_int8", mutates_args=())
 def linear_dq_int8(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -129,17 +149,18 @@ def _onnx_linear_dq_int8(x, w_q, w_scale, bias=None):
     zp = op.Expand(op.Constant(value=ir.tensor(128, dtype=u8)), op.Shape(rows))
     q = op.QuantizeLinear(op.Reshape(x, op.Constant(value_ints=[-1, int(w_q.shape[0])])), rows, zp, axis=0)
     q = op.Reshape(q, op.Shape(x))
-    # Weights as uint8 with zero point 128 (w + 128): a u8·s8 GEMM on CPUs without VNNI (AVX2's
-    # vpmaddubsw) saturates int16 pair sums (255·127·2 > 32767) and silently returns wrong values;
-    # u8·u8 is exact everywhere and as fast there. The conversion reads only the initializer, so
-    # onnxruntime folds it once when the session is created.
-    i32 = ir.DataType.INT32
-    w_u8 = op.Cast(op.Add(op.Cast(w_q, to=i32), op.Constant(value=ir.tensor(128, dtype=i32))), to=u8)
     # int32 accumulate, then acc · w_scale in the GEMM epilogue (a_scale 1: the per-token scale
     # cannot go there, onnxruntime takes a scalar a_scale), then · s and + bias.
-    y = _contrib("MatMulIntegerToFloat")(q, w_u8, op.Constant(value_float=1.0), w_scale,
-                                         op.Constant(value=ir.tensor(128, dtype=u8)),
-                                         op.Constant(value=ir.tensor(128, dtype=u8)))
+    a_zp = op.Constant(value=ir.tensor(128, dtype=u8))
+    if onnx_int8_layout() == "u8s8":
+        y = _contrib("MatMulIntegerToFloat")(q, w_q, op.Constant(value_float=1.0), w_scale, a_zp)
+    else:
+        # weights as uint8 with zero point 128 (w + 128), see onnx_int8_layout. The conversion
+        # reads only the initializer, so onnxruntime folds it once when the session is created.
+        i32 = ir.DataType.INT32
+        w_u8 = op.Cast(op.Add(op.Cast(w_q, to=i32), op.Constant(value=ir.tensor(128, dtype=i32))), to=u8)
+        y = _contrib("MatMulIntegerToFloat")(q, w_u8, op.Constant(value_float=1.0), w_scale, a_zp,
+                                             op.Constant(value=ir.tensor(128, dtype=u8)))
     y = op.Mul(y, s)
     return op.Add(y, bias) if bias is not None else y
 

@@ -307,7 +307,8 @@ def _quantize(w: torch.Tensor, li: Linear, cfg: Config, clip: Optional[torch.Ten
 _KERNELS = {
     "int8-dynamic": {"torch": "per-token int8 codes x int8 weights: torch._int_mm (int32 accumulate) on CPUs with int8 "
                               "dot-product instructions, else the same codes multiplied in fp32 (see the notes); scales in fp32",
-                     "onnx": "per-row QuantizeLinear (uint8, zero point 128) + com.microsoft MatMulIntegerToFloat + scale Mul"},
+                     "onnx": "per-row QuantizeLinear (uint8, zero point 128) + com.microsoft MatMulIntegerToFloat "
+                             "(weights int8 or uint8, see onnx_int8_weights) + scale Mul"},
     "int8-weight-only": {"torch": "int8 weights dequantized to fp32 on every call, fp32 matmul",
                          "onnx": "DequantizeLinear(int8 initializer, axis=1) + MatMul"},
     "int4-weight-only": {"torch": "packed int4 unpacked and dequantized on every call, fp32 matmul (no int4 CPU kernel)",
@@ -373,6 +374,12 @@ def _notes(cfg: Config, tied: list[str], skipped: int, timing: Optional[dict]) -
     if cfg.scheme == "int8-dynamic":
         notes.append("ONNX activations use the same per-token int8 codes as torch (uint8 + zero point 128), "
                      "not onnxruntime's per-tensor DynamicQuantizeLinear")
+        if qops.onnx_int8_layout() == "u8s8":
+            notes.append("ONNX weights are int8 (u8·s8 GEMM, exact and fastest with VNNI/AMX, as on this CPU); on an "
+                         "x86 CPU without VNNI that GEMM saturates: compile for such a CPU with OPTCC_ONNX_INT8=u8u8")
+        else:
+            notes.append("ONNX weights are uint8 + zero point 128 (u8·u8 GEMM): this CPU has no VNNI/AMX, where the "
+                         "u8·s8 GEMM saturates; on a CPU with VNNI, compile there (or OPTCC_ONNX_INT8=u8s8) for ~2x faster GEMMs")
         if qops.INT8_GEMM == "fp32":
             notes.append("torch artifact: this CPU has no int8 dot-product instructions (VNNI/AMX/i8mm), where "
                          "torch._int_mm is many times slower than fp32, so the .pt2 multiplies the int8 codes in fp32: "
@@ -434,7 +441,8 @@ def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
         "quantized": len(layers),
         "excluded": excluded,
         "warnings": warnings,
-        "kernels": {**_KERNELS[cfg.scheme], **({"torch_int8_gemm": qops.INT8_GEMM} if cfg.scheme == "int8-dynamic" else {})},
+        "kernels": {**_KERNELS[cfg.scheme], **({"torch_int8_gemm": qops.INT8_GEMM, "onnx_int8_weights": qops.onnx_int8_layout()}
+                                               if cfg.scheme == "int8-dynamic" else {})},
         "weight_bytes": {"before": before, "after": after, "ratio": round(after / before, 4) if before else None},
         "sqnr_db_min": min(l["sqnr_db"] for l in layers),
         "sqnr_db_mean": round(sum(l["sqnr_db"] for l in layers) / len(layers), 2),

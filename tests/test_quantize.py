@@ -2,6 +2,7 @@ import contextlib
 import copy
 import json
 import math
+import platform
 import subprocess
 import sys
 
@@ -293,6 +294,25 @@ def test_decoder_int8_onnx(tmp_path):
     report, model = _apply(tmp_path, "builtin:tiny-llama", "{scheme: int8-dynamic}", "[onnx]")
     assert [n.op_type for n in model.graph.node].count("MatMulIntegerToFloat") == 29
     assert _weight_matmuls(model) == [] and report["fidelity"]["cosine_mean"] > 0.99
+
+
+@pytest.mark.parametrize("layout", ["u8u8", "u8s8"])
+def test_int8_onnx_weight_layout_follows_the_cpu_or_the_override(tmp_path, monkeypatch, layout):
+    from optcc import qops
+
+    vnni = bool(qops._cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}) and platform.machine() in ("x86_64", "AMD64")
+    assert qops.onnx_int8_layout() == ("u8s8" if vnni else "u8u8")  # auto: from this CPU
+    if layout == "u8s8" and not vnni:  # emit's check would rightly fail: u8·s8 saturates without VNNI
+        pytest.skip("u8·s8 is only exact on CPUs with VNNI/AMX")
+    monkeypatch.setenv("OPTCC_ONNX_INT8", layout)
+    report, model = _apply(tmp_path, f"{HANDWRITTEN}:build", "{scheme: int8-dynamic}", "[onnx]", task="feature-extraction")
+    assert report["passes"][0]["stats"]["kernels"]["onnx_int8_weights"] == layout
+    inits = {i.name: i for i in model.graph.initializer}
+    mm = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]
+    want = onnx.TensorProto.INT8 if layout == "u8s8" else onnx.TensorProto.UINT8
+    assert len(mm) == 19 and all(inits[n.input[1]].data_type == want for n in mm)
+    assert all(len(n.input) == (5 if layout == "u8s8" else 6) for n in mm)  # b_zero_point only for u8·u8
+    assert report["artifacts"][0]["check"]["cosine_mean"] > 0.999
 
 
 @pytest.mark.parametrize("text, op", [
