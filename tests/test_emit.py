@@ -1,0 +1,53 @@
+"""emit's ONNX clean-up: the exporter's softmax NaN guard is dropped only where no logit can be -inf."""
+import numpy as np
+import onnx
+import onnx_ir as ir
+import torch
+import torch.nn.functional as F
+
+from optcc.emit import drop_softmax_nan_guards, emit_onnx, load_onnx
+
+
+class MaskedAttention(torch.nn.Module):
+    """One attention over a boolean key-padding mask, as HF encoders call sdpa."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(16, 48)
+
+    def forward(self, x, attention_mask):
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 8).permute(2, 0, 3, 1, 4)
+        keep = attention_mask[:, None, None, :].bool()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).flatten(2)
+
+
+def test_softmax_nan_guard_dropped_when_masks_are_finite(tmp_path):
+    torch.manual_seed(0)
+    model = MaskedAttention().eval()
+    mask = torch.ones(3, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    inputs = {"x": torch.randn(3, 5, 16), "attention_mask": mask}
+    ep = torch.export.export(model, (), inputs, strict=False)
+    path = emit_onnx(ep, inputs, tmp_path, 18)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "Softmax" in ops and "IsNaN" not in ops
+    run = load_onnx(path)
+    with torch.no_grad():
+        torch.testing.assert_close(run(inputs)[0], model(**inputs), atol=1e-5, rtol=1e-5)
+        mask[2] = 0  # a fully padded row, the case the guard is for: finite, like torch's
+        got, want = run(inputs)[0], model(**inputs)
+    assert not torch.isnan(got).any()
+    torch.testing.assert_close(got[:2], want[:2], atol=1e-5, rtol=1e-5)
+
+
+def test_softmax_nan_guard_kept_when_a_constant_is_infinite():
+    x = ir.val("x", ir.DataType.FLOAT, [2, 4])
+    sm = ir.node("Softmax", [x], attributes={"axis": -1})
+    nan = ir.node("IsNaN", sm.outputs)
+    zero = ir.Value(name="zero", const_value=ir.tensor(np.array(0.0, np.float32)))
+    where = ir.node("Where", [nan.outputs[0], zero, sm.outputs[0]])
+    graph = ir.Graph([x], where.outputs, nodes=[sm, nan, where], initializers=[zero], opset_imports={"": 18})
+    ninf = ir.Value(name="fill", const_value=ir.tensor(np.array(-np.inf, np.float32)))
+    graph.register_initializer(ninf)
+    assert drop_softmax_nan_guards(graph) == 0  # -inf present (and the guard is a graph output)
+    assert [n.op_type for n in graph] == ["Softmax", "IsNaN", "Where"]
