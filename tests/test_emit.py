@@ -1,11 +1,12 @@
-"""emit's ONNX clean-up: the exporter's softmax NaN guard is dropped only where no logit can be -inf."""
+"""emit's ONNX clean-up: the exporter's softmax NaN guard is dropped only where no logit can be -inf,
+and residual LayerNorms stay out of onnxruntime's slow SkipLayerNormalization."""
 import numpy as np
 import onnx
 import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
-from optcc.emit import drop_softmax_nan_guards, emit_onnx, load_onnx
+from optcc.emit import drop_softmax_nan_guards, emit_onnx, flatten_residual_layernorms, load_onnx
 
 
 class MaskedAttention(torch.nn.Module):
@@ -51,3 +52,48 @@ def test_softmax_nan_guard_kept_when_a_constant_is_infinite():
     graph.register_initializer(ninf)
     assert drop_softmax_nan_guards(graph) == 0  # -inf present (and the guard is a graph output)
     assert [n.op_type for n in graph] == ["Softmax", "IsNaN", "Where"]
+
+
+class PostNormBlock(torch.nn.Module):
+    """BERT's residual shape: LayerNorm(x + Linear(x)) twice; the last norm is the graph's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+        self.ln1, self.ln2 = torch.nn.LayerNorm(16), torch.nn.LayerNorm(16)
+
+    def forward(self, x):
+        h = self.ln1(x + self.fc1(x))
+        return self.ln2(h + self.fc2(h))
+
+
+def test_residual_layernorms_are_not_fused_into_skip_layernorm(tmp_path):
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = PostNormBlock().eval()
+    inputs = {"x": torch.randn(3, 5, 16)}
+    batch = torch.export.Dim("batch", min=1)
+    ep = torch.export.export(model, (), inputs, dynamic_shapes={"x": {0: batch}}, strict=False)
+    path = emit_onnx(ep, inputs, tmp_path, 18)
+    saved = onnx.load(str(path))
+    assert [n.op_type for n in saved.graph.node].count("LayerNormalization") == 2
+    # what onnxruntime makes of it at its default optimization level
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    assert "SkipLayerNormalization" not in ops and ops.count("LayerNormalization") == 2
+    run = load_onnx(path)
+    for x in (inputs["x"], torch.randn(7, 5, 16)):  # dynamic batch still works, the output keeps its shape
+        with torch.no_grad():
+            torch.testing.assert_close(run({"x": x})[0], model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_layernorm_without_a_residual_add_is_left_alone():
+    x = ir.val("x", ir.DataType.FLOAT, [2, 4, 8])
+    g = ir.Value(name="g", const_value=ir.tensor(np.ones(8, np.float32)))
+    ln = ir.node("LayerNormalization", [x, g], attributes={"axis": -1})
+    graph = ir.Graph([x], ln.outputs, nodes=[ln], initializers=[g], opset_imports={"": 18})
+    assert flatten_residual_layernorms(graph) == 0
+    assert [n.op_type for n in graph] == ["LayerNormalization"]
