@@ -2,7 +2,7 @@
 
     python benchmarks/quantize.py [--threads 2] [--batch 8] [--seq 128] [--min-seconds 5]
 
-Contenders, timed interleaved call by call in one process (optcc.bench.measure) on
+Contenders, timed interleaved in short turns in one process (optcc.bench.measure) on
 one batch of real text (sentences from optcc/zoo/sentences.jsonl joined until each
 row holds `seq` tokens):
   a  torch fp32 eager
@@ -97,7 +97,7 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--min-seconds", type=float, default=5.0)
-    ap.add_argument("--opset", type=int, default=18)
+    ap.add_argument("--opset", type=int, default=20, help="both exports (20: torch.onnx's and optcc's default)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)

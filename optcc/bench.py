@@ -1,4 +1,4 @@
-"""Honest latency measurement: contenders interleaved call by call on the same
+"""Honest latency measurement: contenders interleaved in short turns on the same
 inputs and threads, warm-up discarded, iteration and time floors, percentiles."""
 from __future__ import annotations
 
@@ -35,10 +35,20 @@ def summarize(times_s: list[float], items: int) -> dict:
     }
 
 
+SETTLE_S = 0.02  # pause before each contender's turn: see measure
+TURN_S = 0.05    # a contender's calls in one turn add up to at least this much
+
+
 def measure(fns: dict[str, Callable[[], object]], *, warmup: int, iters: int, min_seconds: float, items: int,
             max_seconds: float = 120.0) -> dict[str, dict]:
     """Time each callable, round-robin, until every one has >= iters calls and >= min_seconds
-    of timed work (or max_seconds overall passed). Returns summarize() per name."""
+    of timed work (or max_seconds overall passed). Returns summarize() per name.
+
+    Contenders take turns (each turn: calls until TURN_S of work, at least one), so machine
+    drift spreads over all of them. Before each turn the machine gets SETTLE_S of quiet:
+    onnxruntime's and OpenMP's thread pools spin-wait after a call, and a contender timed
+    while the previous one's threads still spin shares the cores with them (MiniLM 8x128,
+    2 threads: torch eager 205 ms right after an onnxruntime call, 170 ms 20 ms later)."""
     with torch.no_grad():
         for _ in range(warmup):
             for fn in fns.values():
@@ -47,9 +57,14 @@ def measure(fns: dict[str, Callable[[], object]], *, warmup: int, iters: int, mi
         start = time.perf_counter()
         while True:
             for name, fn in fns.items():
-                t0 = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - t0)
+                time.sleep(SETTLE_S)
+                turn = 0.0
+                while turn < TURN_S:
+                    t0 = time.perf_counter()
+                    fn()
+                    dt = time.perf_counter() - t0
+                    times[name].append(dt)
+                    turn += dt
             done = all(len(t) >= iters and sum(t) >= min_seconds for t in times.values())
             if done or time.perf_counter() - start > max_seconds:
                 break
