@@ -4,7 +4,7 @@ Pure tensor functions, no graph code: passes/token_merge.py traces them into
 the captured graph. Every function works on a whole batch with static token
 counts and never reads the batch size into a Python int, so the traced ops
 keep the batch dimension dynamic. Only standard ops with ONNX equivalents are
-used (topk, gather, scatter, matmul).
+used (topk, gather, index_select, scatter, matmul).
 
 A match is described by original token indices: `src` tokens [B, r] are folded
 into `dst` tokens [B, r]; `keep` [B, T - r] lists the surviving tokens in their
@@ -156,11 +156,24 @@ def pitome_matching(metric: torch.Tensor, r: int, margin: float, protected: Sequ
     return Match(src, dst, _keep_from_src(src, tokens), ok)
 
 
+def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows of each batch item. x: [B, T, C], idx: [B, K] int64 -> [B, K, C] with
+    out[b, k] = x[b, idx[b, k]].
+
+    Same result as x.gather(1, idx[..., None].expand(-1, -1, C)), but as one
+    index_select of whole rows of the flattened [B*T, C] tensor: a row copy instead of
+    an index lookup per element (ONNX: Gather, not GatherElements), which is what
+    makes a merge cheap next to the block it shortens."""
+    t, c = x.shape[1], x.shape[2]
+    offsets = torch.arange(x.shape[0], device=x.device, dtype=idx.dtype).unsqueeze(1) * t
+    return x.reshape(-1, c).index_select(0, (idx + offsets).reshape(-1)).view(-1, idx.shape[1], c)
+
+
 def merge_wavg(x: torch.Tensor, size: torch.Tensor, m: Match) -> tuple[torch.Tensor, torch.Tensor]:
     """Size-weighted average. x: [B, T, C], size: [B, T, 1] (tokens each row stands for).
     Returns x [B, T - r, C] and size [B, T - r, 1]; sum(size * x) over the
     tokens is unchanged (up to dropped forced pairs)."""
-    # Only the r destination rows change, so the full-size work is one gather of the
+    # Only the r destination rows change, so the full-size work is one row copy of the
     # survivors and one scatter of the new destination rows (memory traffic, not FLOPs,
     # is what a merge costs). Sources sharing a destination are summed with an r x r
     # "same destination" matrix instead of a full-size scatter_add.
@@ -170,12 +183,11 @@ def merge_wavg(x: torch.Tensor, size: torch.Tensor, m: Match) -> tuple[torch.Ten
     same = (dst1 == m.dst.unsqueeze(-2)).to(x.dtype)  # [B, r, r]
     s_dst = size.gather(1, dst1)
     total = s_dst + same @ w  # [B, r, 1] size of each destination after the merge
-    mass = x.gather(1, dst1.expand(-1, -1, c)) * s_dst + same @ (x.gather(1, src1.expand(-1, -1, c)) * w)
+    mass = take_rows(x, m.dst) * s_dst + same @ (take_rows(x, m.src) * w)
     # destinations survive; their new position = index - number of removed tokens before them
     pos = (m.dst - (m.src.unsqueeze(-2) < dst1).sum(-1)).unsqueeze(-1)  # [B, r, 1]
-    keep = m.keep.unsqueeze(-1)
-    x = x.gather(1, keep.expand(-1, -1, c)).scatter(1, pos.expand(-1, -1, c), mass / total)
-    return x, size.gather(1, keep).scatter(1, pos, total)
+    x = take_rows(x, m.keep).scatter(1, pos.expand(-1, -1, c), mass / total)
+    return x, size.gather(1, m.keep.unsqueeze(-1)).scatter(1, pos, total)
 
 
 def keep_tokens(t: torch.Tensor, m: Match) -> torch.Tensor:
@@ -201,7 +213,7 @@ def update_source_map(source: torch.Tensor, m: Match, tokens: int) -> torch.Tens
 
 def unmerge(x: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
     """Copy merged rows back to every original position. x: [B, T', C], source: [B, T0] -> [B, T0, C]."""
-    return x.gather(1, source.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    return take_rows(x, source)
 
 
 def attention_bias(size: Optional[torch.Tensor], valid: Optional[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

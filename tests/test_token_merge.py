@@ -124,6 +124,15 @@ def test_padding_spends_r_before_real_tokens():
     assert len(real) == 2 and all(valid[0, s] for s in real)
 
 
+def test_take_rows_is_a_row_gather_per_batch_item():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 9, 4, generator=g)
+    idx = torch.randint(0, 9, (3, 5), generator=g)
+    want = torch.stack([x[b, idx[b]] for b in range(3)])
+    assert torch.equal(M.take_rows(x, idx), want)
+    assert torch.equal(M.take_rows(x[:, ::2], idx % 5), torch.stack([x[b, ::2][idx[b] % 5] for b in range(3)]))
+
+
 def test_unmerge_copies_each_group_back():
     g = torch.Generator().manual_seed(3)
     x, metric = torch.randn(2, 12, 4, generator=g), F.normalize(torch.randn(2, 12, 3, generator=g), dim=-1)
