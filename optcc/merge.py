@@ -166,7 +166,7 @@ def take_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     makes a merge cheap next to the block it shortens."""
     t, c = x.shape[1], x.shape[2]
     offsets = torch.arange(x.shape[0], device=x.device, dtype=idx.dtype).unsqueeze(1) * t
-    return x.reshape(-1, c).index_select(0, (idx + offsets).reshape(-1)).view(-1, idx.shape[1], c)
+    return x.reshape(-1, c).index_select(0, (idx + offsets).reshape(-1)).view(idx.shape[0], idx.shape[1], c)
 
 
 def merge_wavg(x: torch.Tensor, size: torch.Tensor, m: Match) -> tuple[torch.Tensor, torch.Tensor]:
