@@ -71,6 +71,26 @@ def restore(direction: torch.Tensor, norm_i: torch.Tensor, norm_j: torch.Tensor,
     return norm_i * direction, x_j
 
 
+def retention_swaps(expected_at: torch.Tensor, got_at: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compare two choices of retained positions. expected_at, got_at: [B, H, R, 1] int64
+    (merge's kept_at) over a cache of `length` positions -> (swapped [B, H, length] bool:
+    positions retained by exactly one side, swaps [B, H]: positions the other side dropped).
+
+    The choice is a sort of float cosines, so two runtimes whose float rounding differs
+    (an int8 linear upstream moves a code) can swap a near-tied pair at the boundary."""
+    shape = (*expected_at.shape[:2], length)
+    e = torch.zeros(shape, dtype=torch.bool).scatter(2, expected_at.squeeze(-1).long(), True)
+    g = torch.zeros(shape, dtype=torch.bool).scatter(2, got_at.squeeze(-1).long(), True)
+    return e ^ g, (e & ~g).sum(-1)
+
+
+def kept_by_position(kept_at: torch.Tensor, kept: torch.Tensor, length: int) -> torch.Tensor:
+    """merge's retained vectors kept [B, H, R, D] placed at their positions kept_at [B, H, R, 1]:
+    -> [B, H, length, D], zero where nothing is retained (so two choices compare by position)."""
+    out = kept.new_zeros((*kept.shape[:2], length, kept.shape[-1]))
+    return out.scatter(2, kept_at.long().expand(-1, -1, -1, kept.shape[-1]), kept)
+
+
 def merged_bytes_per_token(heads: int, dim: int, retain: float, itemsize: int = 4) -> float:
     """Cache bytes per token of one merged pair of layers (one of K or V), with the
     expected share of retained tokens (index int64 + one exact vector)."""
