@@ -5,8 +5,11 @@
 onnxruntime MatMulIntegerToFloat with uint8 activations and int8 weights (u8·s8,
 what onnxruntime's own quantizer emits) or uint8 weights (u8·u8, what optcc emits),
 the fp32 MatMul; torch._int_mm, the same int8 codes multiplied in fp32 (optcc's
-fallback), the fp32 matmul. Prints p50 ms and each kernel's error against the
-exact integer product: u8·s8 saturates on CPUs without VNNI."""
+fallback), the fp32 matmul; and onnxruntime's MatMulNBits with 8-bit weights in blocks of 32
+along K (accuracy_level 4: activations quantized to int8 per block; 0: fp32 activations),
+a fused alternative that quantizes on its own. Prints p50 ms and each kernel's error against
+the exact integer product (u8·s8 saturates on CPUs without VNNI); MatMulNBits rows give
+their error against the fp32 product instead, since they quantize differently."""
 from __future__ import annotations
 
 import argparse
@@ -26,6 +29,21 @@ def _ort(nodes, inits, in_type, threads):
     so = ort.SessionOptions()
     so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
     return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _nbits8(w: np.ndarray, block: int, accuracy_level: int, threads: int):
+    """MatMulNBits, bits=8: w [K, N] quantized per (output column, block of K) around zero point 128."""
+    from onnx import TensorProto as T, helper as h, numpy_helper as nh
+
+    k, n = w.shape
+    wb = w.T.reshape(n, k // block, block)
+    scale = np.maximum(np.abs(wb).max(-1), 1e-8) / 127.0
+    codes = (np.round(wb / scale[..., None]).clip(-127, 127) + 128).astype(np.uint8)
+    inits = [nh.from_array(codes, "b"), nh.from_array(scale.reshape(-1).astype(np.float32), "s"),
+             nh.from_array(np.full(n * (k // block), 128, np.uint8), "z")]
+    node = h.make_node("MatMulNBits", ["x", "b", "s", "z"], ["y"], domain="com.microsoft", K=k, N=n, bits=8,
+                       block_size=block, accuracy_level=accuracy_level)
+    return _ort([node], inits, T.FLOAT, threads)
 
 
 def main() -> None:
@@ -60,11 +78,23 @@ def main() -> None:
         "torch int8 codes in fp32 (optcc fallback)": (lambda: torch.mm(tq.float(), twq.float()).numpy()),
         "torch fp32 matmul": (lambda: torch.mm(tx, tw).numpy()),
     }
+    nbits = {}
+    for level in (4, 0):
+        try:
+            sess = _nbits8(w, 32, level, a.threads)
+            nbits[f"onnxruntime MatMulNBits 8-bit, block 32, accuracy_level {level}"] = (lambda s=sess: s.run(None, {"x": x})[0])
+        except Exception as e:  # older onnxruntime: no 8-bit MatMulNBits on CPU
+            print(f"MatMulNBits 8-bit, accuracy_level {level}: not available ({str(e).splitlines()[0][:120]})")
+    fns.update(nbits)
     res = measure(fns, warmup=2, iters=10, min_seconds=2.0, items=1)
     print(f"int8 linear {a.m}x{a.k} -> {a.n}, {a.threads} threads, torch {torch.__version__}")
     print("| kernel | p50 ms | rel. error vs exact int product |\n|---|---|---|")
     for name, fn in fns.items():
-        err = "—" if name.lower().endswith("matmul") else f"{np.abs(fn() - exact).max() / np.abs(exact).max():.1e}"
+        if name in nbits:
+            ref = x.astype(np.float64) @ w
+            err = f"{np.abs(fn() - ref).max() / np.abs(ref).max():.1e} (vs fp32)"
+        else:
+            err = "—" if name.lower().endswith("matmul") else f"{np.abs(fn() - exact).max() / np.abs(exact).max():.1e}"
         print(f"| {name} | {res[name]['p50_ms']:.2f} | {err} |")
 
 
