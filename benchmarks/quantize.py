@@ -11,6 +11,7 @@ row holds `seq` tokens):
   d  onnxruntime fp32 (the same plain export)
   e  optcc int8-dynamic, model.onnx
   f  optcc int8-dynamic, model.pt2
+  g  optcc int8-dynamic with activations: per-tensor, model.onnx (one DynamicQuantizeMatMul per linear)
 Fidelity: sentence embeddings (mean pooling over the attention mask) of every
 sentence in sentences.jsonl, padded to `seq`, cosine vs (a): mean and min.
 Prints a markdown table; --json writes the numbers too.
@@ -38,7 +39,7 @@ RECIPE = """version: 1
 model: {{source: builtin:minilm, inputs: {{batch: 2, seq_len: 32}}}}
 passes:
   - cleanup: {{}}
-  - quantize: {{scheme: int8-dynamic, measure: false}}
+  - quantize: {{scheme: int8-dynamic, activations: {activations}, measure: false}}
 emit: {{formats: [onnx, torch], opset: {opset}, atol: 0.05}}
 bench: {{enabled: false}}
 """
@@ -147,12 +148,16 @@ def main() -> int:
 
     # e, f: optcc, as a user runs it.
     recipe = work / "recipe.yaml"
-    recipe.write_text(RECIPE.format(opset=args.opset))
+    recipe.write_text(RECIPE.format(opset=args.opset, activations="per-token"))
     report = optcc.apply(recipe, out=work / "optcc")
     qstats = next(p for p in report["passes"] if p["name"] == "quantize")["stats"]
     runners["e optcc int8-dynamic ONNX"] = ort_session(work / "optcc" / "model.onnx", args.threads)
     ep = torch.export.load(str(work / "optcc" / "model.pt2")).module()
     runners["f optcc int8-dynamic .pt2"] = lambda inp: ep(**inp)[0]
+    # g: the same with one activation scale per tensor
+    recipe.write_text(RECIPE.format(opset=args.opset, activations="per-tensor"))
+    optcc.apply(recipe, out=work / "optcc-tensor")
+    runners["g optcc int8-dynamic per-tensor ONNX"] = ort_session(work / "optcc-tensor" / "model.onnx", args.threads)
     prep_s = time.perf_counter() - t0
 
     with torch.no_grad():

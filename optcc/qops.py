@@ -9,10 +9,14 @@ and the ONNX op read the same tensors:
   CPU has int8 dot-product instructions, else the same codes multiplied in fp32
   (see int8_gemm_kernel); dequant in fp32. ONNX: the same per-token codes, offset by 128 to uint8 by one per-row
   QuantizeLinear, into com.microsoft MatMulIntegerToFloat with a_zero_point 128
-  and int8 weights (u8·s8) on CPUs with VNNI/AMX, else the weights offset by 128 to
-  uint8 (u8·u8: u8·s8 saturates without VNNI; see onnx_int8_layout; onnxruntime's
-  DynamicQuantizeLinear is per-tensor only), then the same fp32 scale multiplies. Both build identical int32 accumulators,
+  and int8 weights (u8·s8) on x86 (7-bit weight codes without VNNI, where full-range
+  u8·s8 saturates), else the weights offset by 128 to uint8 (u8·u8; see
+  onnx_int8_layout; onnxruntime's DynamicQuantizeLinear is per-tensor only), then the
+  same fp32 scale multiplies. Both build identical int32 accumulators,
   so the artifacts agree to float rounding (see docs/quantize.md for when not).
+- optcc::linear_dq_int8_tensor — the same with one dynamic uint8 scale and zero point for the
+  whole activation tensor (DynamicQuantizeLinear's rule). ONNX: one com.microsoft
+  DynamicQuantizeMatMul, which quantizes, multiplies, scales and adds the bias in one kernel.
 - optcc::linear_w8 — int8 per-channel weight-only: dequantize, fp32 matmul.
   ONNX: DequantizeLinear(axis=1) + MatMul.
 - optcc::linear_w4 — int4 group-wise weight-only in MatMulNBits layout
@@ -33,7 +37,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from optcc.emit import register_onnx_translation
-from optcc.quant import QMAX8, EPS, quantize_per_token, unpack_int4, unpack_zero_points
+from optcc.quant import QMAX8, EPS, quantize_per_tensor_u8, quantize_per_token, unpack_int4, unpack_zero_points
 
 
 # ----------------------------------------------------- onnxruntime contrib ---
@@ -43,6 +47,8 @@ _CONTRIB = {  # name: (inputs as (name, type, optional), attributes); outputs ar
                               ("a_zero_point", "T1", 1), ("b_zero_point", "T2", 1), ("bias", "T3", 1)], (), "T3"),
     "MatMulNBits": ([("A", "T3", 0), ("B", "T1", 0), ("scales", "T3", 0), ("zero_points", "T1", 1)],
                     ("K", "N", "bits", "block_size", "accuracy_level"), "T3"),
+    "DynamicQuantizeMatMul": ([("A", "T3", 0), ("B", "T2", 0), ("b_scale", "T3", 0), ("b_zero_point", "T2", 1),
+                               ("bias", "T3", 1)], (), "T3"),
 }
 
 
@@ -100,22 +106,37 @@ INT8_GEMM = int8_gemm_kernel()  # the kernel the op uses in this process; report
 _X86 = ("x86_64", "AMD64", "i386", "i686")
 
 
-def onnx_int8_layout() -> str:
-    """How the ONNX int8-dynamic translation stores weights: "u8s8" (int8 weights, what
-    onnxruntime's own quantizer emits) or "u8u8" (weights offset by 128 to uint8, zero point 128).
+LAYOUTS = ("u8s8", "u8s7", "u8u8")
 
-    On x86 with VNNI / AMX, onnxruntime's u8·s8 GEMM accumulates in int32 (exact) and is about
-    2x faster than its u8·u8 one (6.6 vs 12.4 ms for a 1024×384→1536 layer, 2 threads, Zen 4).
-    On x86 without them (AVX2's vpmaddubsw) u8·s8 saturates int16 pair sums (255·127·2 > 32767)
-    and returns wrong values; u8·u8 is exact there and as fast. Other CPUs take u8·u8, which is
-    exact on every onnxruntime kernel. The choice is made on the machine that compiles (an artifact
-    meant for a different CPU: set it); OPTCC_ONNX_INT8=u8s8|u8u8 overrides it, and emit's
-    artifact check fails a u8s8 artifact that saturates on the machine that checks it."""
+
+def onnx_int8_layout() -> str:
+    """How the ONNX int8-dynamic translation stores weights, and so which onnxruntime GEMM runs:
+
+    - "u8s8": int8 weights (what onnxruntime's own quantizer emits). On x86 with VNNI / AMX the
+      u8·s8 GEMM accumulates in int32 (exact) and is about 2x faster than u8·u8 (6.6 vs 12.4 ms
+      for a 1024×384→1536 layer, 2 threads, Zen 4).
+    - "u8s7": int8 weights kept to 7 bits ([-63, 63]). On x86 without VNNI (AVX2's vpmaddubsw)
+      the u8·s8 GEMM sums pairs of u8·s8 products in int16 and saturates on full-range codes
+      (255·127·2 > 32767: 13% error); with |w| <= 63 a pair sum stays under 32767 (255·63·2 =
+      32130), so the same fast kernel is exact: 3.4 vs 4.4 ms for u8·u8 on the layer above on a
+      2-core AVX2 EPYC. The cost is one bit of weight precision (about 6 dB of weight SQNR).
+    - "u8u8": weights offset by 128 to uint8 (zero point 128): exact on every onnxruntime kernel,
+      8-bit weights, slower on x86. Taken on CPUs other than x86.
+
+    The choice is made on the machine that compiles (an artifact meant for a different CPU: set
+    it); OPTCC_ONNX_INT8=u8s8|u8s7|u8u8 overrides it, and emit's artifact check fails a u8s8
+    artifact that saturates on the machine that checks it."""
     forced = os.environ.get("OPTCC_ONNX_INT8")
-    if forced in ("u8s8", "u8u8"):
+    if forced in LAYOUTS:
         return forced
-    vnni = {"avx512_vnni", "avx_vnni", "amx_int8"}
-    return "u8s8" if platform.machine() in _X86 and _cpu_flags() & vnni else "u8u8"
+    if platform.machine() not in _X86:
+        return "u8u8"
+    return "u8s8" if _cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"} else "u8s7"
+
+
+def int8_weight_qmax() -> int:
+    """Largest int8-dynamic weight code for this machine's ONNX layout: 63 for u8s7, else 127."""
+    return 63 if onnx_int8_layout() == "u8s7" else QMAX8
 
 
 @torch.library.custom_op("optcc::linear_dq_int8", mutates_args=())
@@ -152,7 +173,7 @@ def _onnx_linear_dq_int8(x, w_q, w_scale, bias=None):
     # int32 accumulate, then acc · w_scale in the GEMM epilogue (a_scale 1: the per-token scale
     # cannot go there, onnxruntime takes a scalar a_scale), then · s and + bias.
     a_zp = op.Constant(value=ir.tensor(128, dtype=u8))
-    if onnx_int8_layout() == "u8s8":
+    if onnx_int8_layout() in ("u8s8", "u8s7"):  # u8s7: the pass kept the codes to 7 bits
         y = _contrib("MatMulIntegerToFloat")(q, w_q, op.Constant(value_float=1.0), w_scale, a_zp)
     else:
         # weights as uint8 with zero point 128 (w + 128), see onnx_int8_layout. The conversion
@@ -163,6 +184,41 @@ def _onnx_linear_dq_int8(x, w_q, w_scale, bias=None):
                                              op.Constant(value=ir.tensor(128, dtype=u8)))
     y = op.Mul(y, s)
     return op.Add(y, bias) if bias is not None else y
+
+
+@torch.library.custom_op("optcc::linear_dq_int8_tensor", mutates_args=())
+def linear_dq_int8_tensor(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """Per-tensor dynamic uint8 activations (one scale and zero point for the whole x, as ONNX
+    DynamicQuantizeLinear) × per-channel int8 weights. x: [..., in]; w_q: [in, out] int8;
+    w_scale: [out]; bias: [out] → [..., out]."""
+    q, s, zp = quantize_per_tensor_u8(x.reshape(-1, x.shape[-1]))
+    if INT8_GEMM == "int_mm":  # uint8 codes as int8 (q - 128), the offset added back through the weights' column sums
+        acc = torch._int_mm((q - 128.0).to(torch.int8), w_q) + ((128.0 - zp).to(torch.int32) * w_q.sum(0, dtype=torch.int32))
+        acc = acc.to(torch.float32)
+    else:
+        acc = torch.mm(q - zp, w_q.to(torch.float32))
+    y = acc.mul_(s * w_scale)  # acc · (a_scale · b_scale) + bias: onnxruntime's DynamicQuantizeMatMul order
+    if bias is not None:
+        y.add_(bias)
+    return y.reshape(*x.shape[:-1], w_q.shape[1])
+
+
+@linear_dq_int8_tensor.register_fake
+def _(x, w_q, w_scale, bias):
+    return x.new_empty((*x.shape[:-1], w_q.shape[1]))
+
+
+def _onnx_linear_dq_int8_tensor(x, w_q, w_scale, bias=None):
+    """One com.microsoft DynamicQuantizeMatMul: onnxruntime quantizes x per tensor, runs the integer
+    GEMM and applies both scales and the bias in one kernel (what its own quantizer fuses to)."""
+    import onnx_ir as ir
+    from onnxscript import opset18 as op
+
+    if onnx_int8_layout() in ("u8s8", "u8s7"):
+        return _contrib("DynamicQuantizeMatMul")(x, w_q, w_scale, None, bias)
+    i32, u8 = ir.DataType.INT32, ir.DataType.UINT8
+    w_u8 = op.Cast(op.Add(op.Cast(w_q, to=i32), op.Constant(value=ir.tensor(128, dtype=i32))), to=u8)
+    return _contrib("DynamicQuantizeMatMul")(x, w_u8, w_scale, op.Constant(value=ir.tensor(128, dtype=u8)), bias)
 
 
 # -------------------------------------------------------- int8 weight-only ---
@@ -221,6 +277,7 @@ def _onnx_linear_w4(x, w_packed, scales, zeros, bias=None, in_features: int = 0,
 
 
 for _op, _fn in ((torch.ops.optcc.linear_dq_int8.default, _onnx_linear_dq_int8),
+                 (torch.ops.optcc.linear_dq_int8_tensor.default, _onnx_linear_dq_int8_tensor),
                  (torch.ops.optcc.linear_w8.default, _onnx_linear_w8),
                  (torch.ops.optcc.linear_w4.default, _onnx_linear_w4)):
     register_onnx_translation(_op, _fn)
@@ -229,10 +286,11 @@ for _op, _fn in ((torch.ops.optcc.linear_dq_int8.default, _onnx_linear_dq_int8),
 
 # Count the same multiply-adds as the fp32 linear they replace (integer or not), so the
 # report's FLOPs column does not read a quantized layer as removed work.
-@register_flop_formula([torch.ops.optcc.linear_dq_int8, torch.ops.optcc.linear_w8, torch.ops.optcc.linear_w4])
+@register_flop_formula([torch.ops.optcc.linear_dq_int8, torch.ops.optcc.linear_dq_int8_tensor, torch.ops.optcc.linear_w8,
+                        torch.ops.optcc.linear_w4])
 def _linear_flops(x_shape, *args, out_shape=None, **kwargs) -> int:
     return 2 * math.prod(out_shape) * x_shape[-1]
 
 
-QUANT_OPS = {torch.ops.optcc.linear_dq_int8.default, torch.ops.optcc.linear_w8.default,
-             torch.ops.optcc.linear_w4.default}
+QUANT_OPS = {torch.ops.optcc.linear_dq_int8.default, torch.ops.optcc.linear_dq_int8_tensor.default,
+             torch.ops.optcc.linear_w8.default, torch.ops.optcc.linear_w4.default}

@@ -17,11 +17,12 @@ EPS = 1e-8
 
 # --------------------------------------------------------------------- int8 ---
 
-def quantize_per_channel(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 per output channel. w: [out, in] → (q int8 [out, in], scale f32 [out])."""
+def quantize_per_channel(w: torch.Tensor, qmax: int = QMAX8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output channel. w: [out, in] → (q int8 [out, in] in [-qmax, qmax], scale f32 [out]).
+    qmax 63 keeps 7 bits, for GEMMs whose int16 pair sums would saturate on full-range codes."""
     w = w.float()
-    scale = (w.abs().amax(dim=1) / QMAX8).clamp_min(EPS)
-    q = torch.round(w / scale[:, None]).clamp_(-QMAX8, QMAX8).to(torch.int8)
+    scale = (w.abs().amax(dim=1) / qmax).clamp_min(EPS)
+    q = torch.round(w / scale[:, None]).clamp_(-qmax, qmax).to(torch.int8)
     return q, scale
 
 
@@ -39,6 +40,21 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     scale = (x.abs().amax(dim=-1, keepdim=True) / QMAX8).clamp_min(EPS)
     return (x / scale).round_().to(torch.int8), scale
+
+
+def quantize_per_tensor_u8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric uint8 over the whole tensor, as ONNX DynamicQuantizeLinear (and onnxruntime's
+    DynamicQuantizeMatMul) computes it. x: [...] → (codes [...] f32 holding 0..255, scale f32 [],
+    zero point f32 [] holding 0..255).
+
+    range [min(x, 0), max(x, 0)], scale = range / 255 (1 for an all-zero x), zero point =
+    round(clamp(-min / scale, 0, 255)), codes = clamp(round(x / scale) + zero point, 0, 255), every
+    round half-to-even, so both artifacts build the same codes.
+    """
+    lo, hi = x.min().clamp(max=0.0), x.max().clamp(min=0.0)
+    scale = torch.where(hi > lo, (hi - lo) / 255.0, torch.ones_like(hi))
+    zp = (-lo / scale).clamp(0.0, 255.0).round()
+    return ((x / scale).round() + zp).clamp_(0.0, 255.0), scale, zp
 
 
 # --------------------------------------------------------------------- int4 ---

@@ -50,6 +50,9 @@ class Config:
     exclude: tuple[str, ...] = field((), help="module path prefixes (or 're:REGEX' matching the whole path) to keep in fp32")
     include_head: bool = field(True, help="also quantize the output head (linears after the last block)")
     smooth: Optional[Smooth] = field(None, help="int8-dynamic: SmoothQuant folding, e.g. {alpha: 0.5}")
+    activations: Literal["per-token", "per-tensor"] = field(
+        "per-token", help="int8-dynamic: one activation scale per token (closest to fp32) or per tensor "
+                          "(ONNX: one fused DynamicQuantizeMatMul per linear, faster)")
     int4_activations: Literal["fp32", "int8"] = field("fp32", help="int4, ONNX only: int8 lets MatMulNBits quantize activations per block (faster on VNNI CPUs; the ONNX artifact then differs from the torch one by that rounding)")
     awq_grid: int = field(20, help="int4-awq: grid points for the scale exponent in [0, 1)")
     awq_clip: bool = field(True, help="int4-awq: also search a per-group clipping range")
@@ -67,9 +70,11 @@ class Config:
         if self.awq_grid < 1:
             raise ValueError(f"awq_grid must be >= 1, got {self.awq_grid}")
         # an option the scheme does not read is a mistake in the recipe, not something to ignore
-        defaults = {f: Config.__dataclass_fields__[f].default for f in ("group_size", "int4_activations", "awq_grid", "awq_clip")}
+        defaults = {f: Config.__dataclass_fields__[f].default
+                    for f in ("group_size", "int4_activations", "awq_grid", "awq_clip", "activations")}
         int4, awq = ("int4-weight-only", "int4-awq"), ("int4-awq",)
-        applies = {"group_size": int4, "int4_activations": int4, "awq_grid": awq, "awq_clip": awq}
+        applies = {"group_size": int4, "int4_activations": int4, "awq_grid": awq, "awq_clip": awq,
+                   "activations": ("int8-dynamic",)}
         for name, schemes in applies.items():
             if getattr(self, name) != defaults[name] and self.scheme not in schemes:
                 raise ValueError(f"{name} applies only to {' and '.join(schemes)}; scheme is {self.scheme}: drop {name}")
@@ -293,9 +298,14 @@ def _replace(gm: fx.GraphModule, node: fx.Node, li: Linear, op, tensors: dict[st
 def _quantize(w: torch.Tensor, li: Linear, cfg: Config, clip: Optional[torch.Tensor]):
     """(op, tensors, extra args, dequantized weight [out, in], bits) for one layer."""
     if cfg.scheme.startswith("int8"):
-        q, sc = quant.quantize_per_channel(w)
-        op = ops.linear_dq_int8.default if cfg.scheme == "int8-dynamic" else ops.linear_w8.default
-        return op, {"wq": q.t().contiguous(), "ws": sc}, (), quant.dequantize_per_channel(q, sc), 8
+        dynamic = cfg.scheme == "int8-dynamic"  # its ONNX GEMM may need 7-bit codes (qops.onnx_int8_layout)
+        qmax = qops.int8_weight_qmax() if dynamic else quant.QMAX8
+        q, sc = quant.quantize_per_channel(w, qmax)
+        if dynamic:
+            op = ops.linear_dq_int8_tensor.default if cfg.activations == "per-tensor" else ops.linear_dq_int8.default
+        else:
+            op = ops.linear_w8.default
+        return op, {"wq": q.t().contiguous(), "ws": sc}, (), quant.dequantize_per_channel(q, sc), 8 if qmax == quant.QMAX8 else 7
     codes, sc, zp = quant.quantize_groupwise(w, cfg.group_size, clip=clip)
     groups_ = li.in_features // cfg.group_size
     tensors = {"w4": quant.pack_int4(codes).reshape(li.out_features, groups_, cfg.group_size // 2),
@@ -315,6 +325,17 @@ _KERNELS = {
                          "onnx": "com.microsoft MatMulNBits (bits=4)"},
 }
 _KERNELS["int4-awq"] = _KERNELS["int4-weight-only"]
+_PER_TENSOR = {"torch": "per-tensor uint8 codes (DynamicQuantizeLinear's rule) x int8 weights: torch._int_mm on CPUs with int8 "
+                        "dot-product instructions, else the same codes multiplied in fp32; scales and bias in fp32",
+               "onnx": "com.microsoft DynamicQuantizeMatMul (quantize, integer GEMM, scales and bias in one kernel; "
+                       "weights int8 or uint8, see onnx_int8_weights)"}
+
+
+def _kernels(cfg: Config) -> dict:
+    if cfg.scheme != "int8-dynamic":
+        return dict(_KERNELS[cfg.scheme])
+    base = _PER_TENSOR if cfg.activations == "per-tensor" else _KERNELS["int8-dynamic"]
+    return {**base, "activations": cfg.activations, "torch_int8_gemm": qops.INT8_GEMM, "onnx_int8_weights": qops.onnx_int8_layout()}
 
 
 def _timing(orig: fx.GraphModule, gm: fx.GraphModule, ctx: PassContext) -> dict:
@@ -372,14 +393,23 @@ def _notes(cfg: Config, tied: list[str], skipped: int, timing: Optional[dict]) -
     if cfg.scheme == "int8-weight-only":
         notes.append("weight-only int8 cuts weight bytes; compute stays fp32, so it is not expected to be faster")
     if cfg.scheme == "int8-dynamic":
-        notes.append("ONNX activations use the same per-token int8 codes as torch (uint8 + zero point 128), "
-                     "not onnxruntime's per-tensor DynamicQuantizeLinear")
-        if qops.onnx_int8_layout() == "u8s8":
-            notes.append("ONNX weights are int8 (u8·s8 GEMM, exact and fastest with VNNI/AMX, as on this CPU); on an "
-                         "x86 CPU without VNNI that GEMM saturates: compile for such a CPU with OPTCC_ONNX_INT8=u8u8")
+        if cfg.activations == "per-token":
+            notes.append("ONNX activations use the same per-token int8 codes as torch (uint8 + zero point 128), "
+                         "not onnxruntime's per-tensor DynamicQuantizeLinear")
         else:
-            notes.append("ONNX weights are uint8 + zero point 128 (u8·u8 GEMM): this CPU has no VNNI/AMX, where the "
-                         "u8·s8 GEMM saturates; on a CPU with VNNI, compile there (or OPTCC_ONNX_INT8=u8s8) for ~2x faster GEMMs")
+            notes.append("activations: per-tensor: one uint8 scale and zero point per call over the whole activation "
+                         "(batch included), as onnxruntime's DynamicQuantizeMatMul computes them; outputs depend a little on "
+                         "what else is in the batch, and an outlier token coarsens every token's codes (per-token does not)")
+        layout = qops.onnx_int8_layout()
+        if layout == "u8s8":
+            notes.append("ONNX weights are int8 (u8·s8 GEMM, exact and fastest with VNNI/AMX, as on this CPU); on an "
+                         "x86 CPU without VNNI that GEMM saturates: compile for such a CPU with OPTCC_ONNX_INT8=u8s7")
+        elif layout == "u8s7":
+            notes.append("weights are int8 kept to 7 bits ([-63, 63]) so that onnxruntime's u8·s8 GEMM, which saturates "
+                         "full-range codes on x86 without VNNI (as on this CPU), stays exact; ~1.3x faster than the u8·u8 GEMM "
+                         "at one bit less weight precision (OPTCC_ONNX_INT8=u8u8 keeps 8 bits, u8s8 on a CPU with VNNI)")
+        else:
+            notes.append("ONNX weights are uint8 + zero point 128 (u8·u8 GEMM, exact on every onnxruntime kernel)")
         if qops.INT8_GEMM == "fp32":
             notes.append("torch artifact: this CPU has no int8 dot-product instructions (VNNI/AMX/i8mm), where "
                          "torch._int_mm is many times slower than fp32, so the .pt2 multiplies the int8 codes in fp32: "
@@ -441,8 +471,7 @@ def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
         "quantized": len(layers),
         "excluded": excluded,
         "warnings": warnings,
-        "kernels": {**_KERNELS[cfg.scheme], **({"torch_int8_gemm": qops.INT8_GEMM, "onnx_int8_weights": qops.onnx_int8_layout()}
-                                               if cfg.scheme == "int8-dynamic" else {})},
+        "kernels": _kernels(cfg),
         "weight_bytes": {"before": before, "after": after, "ratio": round(after / before, 4) if before else None},
         "sqnr_db_min": min(l["sqnr_db"] for l in layers),
         "sqnr_db_mean": round(sum(l["sqnr_db"] for l in layers) / len(layers), 2),

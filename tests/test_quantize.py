@@ -227,6 +227,8 @@ def test_int4_awq_searches_and_folds():
     ("{scheme: int8-dynamic, group_size: 64}", "group_size applies only to int4-weight-only and int4-awq; scheme is int8-dynamic"),
     ("{scheme: int4-weight-only, awq_grid: 10}", "awq_grid applies only to int4-awq"),
     ("{scheme: int8-weight-only, int4_activations: int8}", "int4_activations applies only to int4"),
+    ("{scheme: int4-weight-only, activations: per-tensor}", "activations applies only to int8-dynamic"),
+    ("{activations: per-channel}", "activations"),
 ])
 def test_bad_config(text, msg):
     with pytest.raises(RecipeError, match=msg):
@@ -296,22 +298,30 @@ def test_decoder_int8_onnx(tmp_path):
     assert _weight_matmuls(model) == [] and report["fidelity"]["cosine_mean"] > 0.99
 
 
-@pytest.mark.parametrize("layout", ["u8u8", "u8s8"])
+@pytest.mark.parametrize("layout", ["u8u8", "u8s8", "u8s7"])
 def test_int8_onnx_weight_layout_follows_the_cpu_or_the_override(tmp_path, monkeypatch, layout):
     from optcc import qops
 
-    vnni = bool(qops._cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}) and platform.machine() in ("x86_64", "AMD64")
-    assert qops.onnx_int8_layout() == ("u8s8" if vnni else "u8u8")  # auto: from this CPU
-    if layout == "u8s8" and not vnni:  # emit's check would rightly fail: u8·s8 saturates without VNNI
-        pytest.skip("u8·s8 is only exact on CPUs with VNNI/AMX")
+    x86 = platform.machine() in ("x86_64", "AMD64")
+    vnni = bool(qops._cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}) and x86
+    assert qops.onnx_int8_layout() == ("u8s8" if vnni else "u8s7" if x86 else "u8u8")  # auto: from this CPU
+    if layout == "u8s8" and not vnni:  # emit's check would rightly fail: full-range u8·s8 saturates without VNNI
+        pytest.skip("u8·s8 with 8-bit weights is only exact on CPUs with VNNI/AMX")
     monkeypatch.setenv("OPTCC_ONNX_INT8", layout)
     report, model = _apply(tmp_path, f"{HANDWRITTEN}:build", "{scheme: int8-dynamic}", "[onnx]", task="feature-extraction")
-    assert report["passes"][0]["stats"]["kernels"]["onnx_int8_weights"] == layout
+    stats = report["passes"][0]["stats"]
+    assert stats["kernels"]["onnx_int8_weights"] == layout
+    assert {l["bits"] for l in stats["layers"]} == {7 if layout == "u8s7" else 8}
     inits = {i.name: i for i in model.graph.initializer}
     mm = [n for n in model.graph.node if n.op_type == "MatMulIntegerToFloat"]
-    want = onnx.TensorProto.INT8 if layout == "u8s8" else onnx.TensorProto.UINT8
+    want = onnx.TensorProto.UINT8 if layout == "u8u8" else onnx.TensorProto.INT8
     assert len(mm) == 19 and all(inits[n.input[1]].data_type == want for n in mm)
-    assert all(len(n.input) == (5 if layout == "u8s8" else 6) for n in mm)  # b_zero_point only for u8·u8
+    assert all(len(n.input) == (6 if layout == "u8u8" else 5) for n in mm)  # b_zero_point only for u8·u8
+    codes = [onnx.numpy_helper.to_array(inits[n.input[1]]).astype(int) for n in mm]
+    if layout == "u8s7":  # 7-bit codes: u8·s8 pair sums stay below int16 saturation on any x86 kernel
+        assert max(abs(c).max() for c in codes) == 63
+    elif layout == "u8s8":
+        assert max(abs(c).max() for c in codes) == 127
     assert report["artifacts"][0]["check"]["cosine_mean"] > 0.999
 
 
@@ -346,3 +356,51 @@ def test_int8_gemm_kernels_agree_and_the_choice_can_be_forced(monkeypatch):
         outs[kernel] = torch.ops.optcc.linear_dq_int8(x, wq.t().contiguous(), ws.reshape(-1), None)
     torch.testing.assert_close(outs["fp32"], outs["int_mm"], rtol=0, atol=1e-5)  # same integer products
     assert torch.nn.functional.cosine_similarity(outs["fp32"].flatten(), (x @ w.t()).flatten(), dim=0) > 0.999
+
+
+def test_per_tensor_codes_are_onnx_dynamic_quantize_linear_codes():
+    import onnxruntime as ort
+    from onnx import TensorProto as T, helper as h
+
+    g = h.make_graph([h.make_node("DynamicQuantizeLinear", ["x"], ["y", "s", "z"])], "g",
+                     [h.make_tensor_value_info("x", T.FLOAT, None)],
+                     [h.make_tensor_value_info(n, t, None) for n, t in (("y", T.UINT8), ("s", T.FLOAT), ("z", T.UINT8))])
+    sess = ort.InferenceSession(h.make_model(g, opset_imports=[h.make_opsetid("", 18)]).SerializeToString(),
+                                providers=["CPUExecutionProvider"])
+    gen = torch.Generator().manual_seed(0)
+    cases = [torch.randn(64, 96, generator=gen) * 3, torch.rand(8, 32, generator=gen) + 0.5,  # all positive
+             -torch.rand(8, 32, generator=gen), torch.zeros(4, 16), torch.arange(-8.0, 8.0).reshape(2, 8) / 4]
+    for x in cases:
+        y, s, z = sess.run(None, {"x": x.numpy()})
+        q, scale, zp = quant.quantize_per_tensor_u8(x)
+        assert torch.equal(q.to(torch.uint8), torch.from_numpy(y)), x.shape
+        assert float(scale) == float(s) and int(zp) == int(z)
+
+
+def test_per_tensor_int8_gemm_kernels_agree(monkeypatch):
+    from optcc import qops
+    from optcc.quant import quantize_per_channel
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(2, 32, 96, generator=g), torch.randn(48, 96, generator=g), torch.randn(48, generator=g)
+    wq, ws = quantize_per_channel(w, 63)
+    outs = {}
+    for kernel in ("int_mm", "fp32"):
+        monkeypatch.setattr(qops, "INT8_GEMM", kernel)
+        outs[kernel] = torch.ops.optcc.linear_dq_int8_tensor(x, wq.t().contiguous(), ws, b)
+    torch.testing.assert_close(outs["fp32"], outs["int_mm"], rtol=0, atol=1e-4)  # same integer products
+    assert outs["fp32"].shape == (2, 32, 48)
+    assert torch.nn.functional.cosine_similarity(outs["fp32"].flatten(), (x @ w.t() + b).flatten(), dim=0) > 0.999
+
+
+def test_per_tensor_activations_run_one_fused_onnx_op_per_linear(tmp_path):
+    report, model = _apply(tmp_path, f"{HANDWRITTEN}:build", "{scheme: int8-dynamic, activations: per-tensor}",
+                           task="feature-extraction")
+    st = report["passes"][0]["stats"]
+    assert st["kernels"]["activations"] == "per-tensor" and "DynamicQuantizeMatMul" in st["kernels"]["onnx"]
+    ops_ = [n.op_type for n in model.graph.node]
+    assert ops_.count("DynamicQuantizeMatMul") == st["quantized"] == 19
+    assert "MatMulIntegerToFloat" not in ops_ and "QuantizeLinear" not in ops_ and _weight_matmuls(model) == []
+    for art in report["artifacts"]:  # both artifacts re-load and agree with the quantized graph
+        assert art["check"]["cosine_mean"] > 0.999, art
+    assert report["fidelity"]["cosine_mean"] > 0.99
