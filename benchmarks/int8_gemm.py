@@ -3,7 +3,8 @@
     python benchmarks/int8_gemm.py [--m 1024 --k 384 --n 1536 --threads 2]
 
 onnxruntime MatMulIntegerToFloat with uint8 activations and int8 weights (u8·s8,
-what onnxruntime's own quantizer emits) or uint8 weights (u8·u8, what optcc emits),
+what onnxruntime's own quantizer emits and optcc on VNNI CPUs), int8 weights kept to 7 bits
+(u8·s7, optcc on x86 without VNNI: no int16 saturation) or uint8 weights (u8·u8),
 the fp32 MatMul; torch._int_mm, the same int8 codes multiplied in fp32 (optcc's
 fallback), the fp32 matmul; and onnxruntime's MatMulNBits with 8-bit weights in blocks of 32
 along K (accuracy_level 4: activations quantized to int8 per block; 0: fp32 activations),
@@ -61,10 +62,14 @@ def main() -> None:
     ws = np.abs(w).max(0) / 127
     wq = np.round(w / ws).astype(np.int32)
     exact = (xq @ wq).astype(np.float64)
+    ws7 = np.abs(w).max(0) / 63
+    wq7 = np.round(w / ws7).astype(np.int32)  # 7-bit codes: their own exact product below
     one, za = nh.from_array(np.array(1.0, np.float32), "one"), nh.from_array(np.array(128, np.uint8), "za")
     scale = nh.from_array(ws.astype(np.float32), "ws")
     node = lambda ins: [h.make_node("MatMulIntegerToFloat", ins, ["y"], domain="com.microsoft")]
     u8s8 = _ort(node(["x", "b", "one", "ws", "za"]), [nh.from_array(wq.astype(np.int8), "b"), one, scale, za], T.UINT8, a.threads)
+    u8s7 = _ort(node(["x", "b", "one", "ws", "za"]), [nh.from_array(wq7.astype(np.int8), "b"), one, scale, za], T.UINT8,
+                a.threads)
     u8u8 = _ort(node(["x", "b", "one", "ws", "za", "zb"]), [nh.from_array((wq + 128).astype(np.uint8), "b"), one, scale, za,
                                                           nh.from_array(np.full(a.n, 128, np.uint8), "zb")], T.UINT8, a.threads)
     fp32 = _ort([h.make_node("MatMul", ["x", "w"], ["y"])], [nh.from_array(w, "w")], T.FLOAT, a.threads)
@@ -72,7 +77,8 @@ def main() -> None:
     tq, twq, tx, tw = (torch.from_numpy(v) for v in (xq.astype(np.int8), wq.astype(np.int8), x, w))
     fns = {
         "onnxruntime u8·s8 (quantize_dynamic's layout)": (lambda: u8s8.run(None, {"x": xu8})[0] / ws),
-        "onnxruntime u8·u8 (optcc)": (lambda: u8u8.run(None, {"x": xu8})[0] / ws),
+        "onnxruntime u8·s8, 7-bit weights (optcc without VNNI)": (lambda: u8s7.run(None, {"x": xu8})[0] / ws),
+        "onnxruntime u8·u8 (optcc on other CPUs)": (lambda: u8u8.run(None, {"x": xu8})[0] / ws),
         "onnxruntime fp32 MatMul": (lambda: fp32.run(None, {"x": x})[0]),
         "torch._int_mm": (lambda: torch._int_mm(tq, twq).numpy()),
         "torch int8 codes in fp32 (optcc fallback)": (lambda: torch.mm(tq.float(), twq.float()).numpy()),
@@ -90,7 +96,10 @@ def main() -> None:
     print(f"int8 linear {a.m}x{a.k} -> {a.n}, {a.threads} threads, torch {torch.__version__}")
     print("| kernel | p50 ms | rel. error vs exact int product |\n|---|---|---|")
     for name, fn in fns.items():
-        if name in nbits:
+        if "7-bit" in name:
+            exact7 = (xq @ wq7).astype(np.float64)
+            err = f"{np.abs(fn() - exact7).max() / np.abs(exact7).max():.1e} (vs its own int product)"
+        elif name in nbits:
             ref = x.astype(np.float64) @ w
             err = f"{np.abs(fn() - ref).max() / np.abs(ref).max():.1e} (vs fp32)"
         else:

@@ -118,8 +118,8 @@ def onnx_int8_layout() -> str:
     - "u8s7": int8 weights kept to 7 bits ([-63, 63]). On x86 without VNNI (AVX2's vpmaddubsw)
       the u8·s8 GEMM sums pairs of u8·s8 products in int16 and saturates on full-range codes
       (255·127·2 > 32767: 13% error); with |w| <= 63 a pair sum stays under 32767 (255·63·2 =
-      32130), so the same fast kernel is exact: 3.4 vs 4.4 ms for u8·u8 on the layer above on a
-      2-core AVX2 EPYC. The cost is one bit of weight precision (about 6 dB of weight SQNR).
+      32130), so the same fast kernel is exact: 5.54 vs 6.86 ms for u8·u8 on the layer above on a
+      2-core AVX2 EPYC (benchmarks/int8_gemm.py). The cost is one bit of weight precision (about 6 dB of weight SQNR).
     - "u8u8": weights offset by 128 to uint8 (zero point 128): exact on every onnxruntime kernel,
       8-bit weights, slower on x86. Taken on CPUs other than x86.
 

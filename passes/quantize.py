@@ -406,7 +406,7 @@ def _notes(cfg: Config, tied: list[str], skipped: int, timing: Optional[dict]) -
                          "x86 CPU without VNNI that GEMM saturates: compile for such a CPU with OPTCC_ONNX_INT8=u8s7")
         elif layout == "u8s7":
             notes.append("weights are int8 kept to 7 bits ([-63, 63]) so that onnxruntime's u8·s8 GEMM, which saturates "
-                         "full-range codes on x86 without VNNI (as on this CPU), stays exact; ~1.3x faster than the u8·u8 GEMM "
+                         "full-range codes on x86 without VNNI (as on this CPU), stays exact; ~1.2x faster than the u8·u8 GEMM "
                          "at one bit less weight precision (OPTCC_ONNX_INT8=u8u8 keeps 8 bits, u8s8 on a CPU with VNNI)")
         else:
             notes.append("ONNX weights are uint8 + zero point 128 (u8·u8 GEMM, exact on every onnxruntime kernel)")
