@@ -25,14 +25,12 @@ from optcc.errors import PassError
 from optcc.probe import record
 from optcc.registry import PassResult, register
 from optcc.schema import field
-from optcc.structure import Linear, module_classes, module_path
+from optcc.lineargroups import Group, get_tensor, groups, linear_parts, set_tensor
+from optcc.structure import Linear, module_path
 
 aten = torch.ops.aten
 ops = torch.ops.optcc
 Scheme = Literal["int8-dynamic", "int8-weight-only", "int4-weight-only", "int4-awq"]
-# Ops that hand the same values on unchanged (as long as the last dim is kept).
-_PASS_THROUGH = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
-                 aten.alias.default, aten.contiguous.default}
 _AWQ_TOKENS = 512  # calibration rows kept per linear group for the AWQ search
 
 
@@ -106,126 +104,6 @@ def select(linears: list[Linear], head: list[str], cfg: Config) -> tuple[list[Li
 
 # ---------------------------------------------------------- graph reading ---
 
-def _get(gm: torch.nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _set(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
-    """Point `target` at a new tensor; the old one (maybe shared with the user's model) is left untouched."""
-    owner_path, _, name = target.rpartition(".")
-    owner = gm.get_submodule(owner_path) if owner_path else gm
-    if name in owner._parameters:
-        owner._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
-    elif name in owner._buffers:
-        owner._buffers[name] = value
-    else:
-        setattr(owner, name, value)
-
-
-def _parts(node: fx.Node) -> tuple[fx.Node, Optional[fx.Node]]:
-    """(input x, bias) of a linear (aten.linear) or GPT-2 Conv1D (aten.addmm) node."""
-    if node.target == aten.addmm.default:
-        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1:
-            raise PassError(f"{module_path(node)}: addmm with beta/alpha != 1 is not a linear layer", "exclude it")
-        return node.args[1], node.args[0]
-    bias = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
-    return node.args[0], bias
-
-
-def _pass_through(n: fx.Node, width: int) -> bool:
-    """Does `n` hand each channel of its input on unchanged (so a per-channel scale commutes)?"""
-    if n.op != "call_function":
-        return False
-    val, src = n.meta.get("val"), n.args[0].meta.get("val") if n.args and isinstance(n.args[0], fx.Node) else None
-    if not isinstance(val, torch.Tensor) or val.shape[-1] != width:
-        return False
-    if n.target in (aten.slice.Tensor, aten.select.int):  # token slicing, e.g. the last position or CLS
-        dim = n.args[1] if len(n.args) > 1 else 0
-        return isinstance(src, torch.Tensor) and dim % src.dim() != src.dim() - 1
-    if n.target == aten.dropout.default:
-        return not (n.args[2] if len(n.args) > 2 else n.kwargs.get("train", True))
-    return n.target in _PASS_THROUGH
-
-
-def _source(x: fx.Node, width: int) -> fx.Node:
-    while _pass_through(x, width) and isinstance(x.args[0], fx.Node):
-        x = x.args[0]
-    return x
-
-
-def _norm_params(gm: fx.GraphModule, n: fx.Node, width: int) -> tuple[Optional[fx.Node], Optional[fx.Node], str]:
-    """(weight, bias) get_attr nodes of a norm whose output is `n`, or (None, None, why not)."""
-    if n.op != "call_function":
-        return None, None, "input is not computed by a norm"
-    if n.target == aten.layer_norm.default:
-        w, b = (n.args[2] if len(n.args) > 2 else None), (n.args[3] if len(n.args) > 3 else None)
-    elif n.target == aten.rms_norm.default:
-        w, b = (n.args[2] if len(n.args) > 2 else None), None
-    elif n.target == aten.mul.Tensor and module_classes(n) and "norm" in module_classes(n)[-1].lower():
-        # RMSNorm written out (HF Llama): weight * normalized
-        w = next((a for a in n.args if isinstance(a, fx.Node) and a.op == "get_attr"
-                  and tuple(_get(gm, a.target).shape) == (width,)), None)
-        b = None
-    else:
-        return None, None, "input is not computed by a norm"
-    for p in (w, b):
-        if p is not None and (not isinstance(p, fx.Node) or p.op != "get_attr" or len(p.users) != 1):
-            return None, None, f"norm {module_path(n)} has a weight shared with other nodes"
-    if w is None:
-        return None, None, f"norm {module_path(n)} has no weight to fold into"
-    return w, b, ""
-
-
-def _consumers(src: fx.Node, width: int) -> set[fx.Node]:
-    """Every node that reads `src` once pass-through ops are looked through."""
-    out, todo = set(), list(src.users)
-    while todo:
-        u = todo.pop()
-        if _pass_through(u, width):
-            todo.extend(u.users)
-        else:
-            out.add(u)
-    return out
-
-
-@dataclass
-class Group:
-    """Target linears that read the same activation, and where scales can be folded."""
-
-    source: fx.Node
-    members: list[tuple[Linear, fx.Node]]
-    norm_weight: Optional[fx.Node] = None
-    norm_bias: Optional[fx.Node] = None
-    why_not: str = ""
-
-    @property
-    def foldable(self) -> bool:
-        return self.norm_weight is not None
-
-
-def groups(gm: fx.GraphModule, targets: list[Linear]) -> list[Group]:
-    nodes = {n.name: n for n in gm.graph.nodes}
-    by_src: dict[fx.Node, Group] = {}
-    for li in targets:
-        node = nodes[li.node]
-        src = _source(_parts(node)[0], li.in_features)
-        by_src.setdefault(src, Group(src, [])).members.append((li, node))
-    for g in by_src.values():
-        width = g.members[0][0].in_features
-        w, b, why = _norm_params(gm, g.source, width)
-        if w is not None:
-            others = _consumers(g.source, width) - {n for _, n in g.members}
-            if others:
-                why = (f"norm {module_path(g.source)} also feeds "
-                       + ", ".join(sorted(module_path(o) or o.name for o in others)[:3]))
-                w = b = None
-        g.norm_weight, g.norm_bias, g.why_not = w, b, why
-    return list(by_src.values())
-
-
 # ------------------------------------------------------------ calibration ---
 
 def _calibration(ctx: PassContext) -> tuple[list[dict], str]:
@@ -237,7 +115,7 @@ def _calibration(ctx: PassContext) -> tuple[list[dict], str]:
 
 def _stats(gm: fx.GraphModule, grps: list[Group], batches: list[dict], rows: int) -> dict[str, dict]:
     """Per group input node: absmax [in] and (rows > 0) a fixed random sample of rows [n, in]."""
-    names = {_parts(g.members[0][1])[0].name: g for g in grps}
+    names = {linear_parts(g.members[0][1])[0].name: g for g in grps}
     gen = torch.Generator().manual_seed(0)
     per_batch = math.ceil(rows / max(len(batches), 1)) if rows else 0
 
@@ -262,7 +140,7 @@ def _stats(gm: fx.GraphModule, grps: list[Group], batches: list[dict], rows: int
 
 def _weight(gm: fx.GraphModule, li: Linear) -> torch.Tensor:
     """The layer's weight as [out, in] fp32 (GPT-2 Conv1D stores [in, out])."""
-    w = _get(gm, li.weight).detach().float()
+    w = get_tensor(gm, li.weight).detach().float()
     return w.t() if li.transposed else w
 
 
@@ -270,8 +148,8 @@ def _fold(gm: fx.GraphModule, g: Group, s: torch.Tensor, scales: dict[str, torch
     """x/s goes into the norm (weight and bias), w·s into each linear of the group."""
     for p in (g.norm_weight, g.norm_bias):
         if p is not None:
-            old = _get(gm, p.target)
-            _set(gm, p.target, (old.detach().float() / s).to(old.dtype))
+            old = get_tensor(gm, p.target)
+            set_tensor(gm, p.target, (old.detach().float() / s).to(old.dtype))
     for li, _ in g.members:
         scales[li.path] = s
 
@@ -286,7 +164,7 @@ def _buffer(gm: fx.GraphModule, path: str, suffix: str, t: torch.Tensor) -> str:
 
 
 def _replace(gm: fx.GraphModule, node: fx.Node, li: Linear, op, tensors: dict[str, torch.Tensor], extra: tuple) -> None:
-    x, bias = _parts(node)
+    x, bias = linear_parts(node)
     with gm.graph.inserting_before(node):
         attrs = [gm.graph.get_attr(_buffer(gm, li.path, k, t)) for k, t in tensors.items()]
         new = gm.graph.call_function(op, (x, *attrs, bias, *extra))
@@ -430,7 +308,7 @@ def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
                         "loosen `exclude`/`include_head`, or drop the quantize step")
     nodes = {n.name: n for n in gm.graph.nodes}
     for li in targets:
-        xv = _parts(nodes[li.node])[0].meta.get("val")
+        xv = linear_parts(nodes[li.node])[0].meta.get("val")
         if isinstance(xv, torch.Tensor) and xv.dtype != torch.float32:
             raise PassError(f"{li.path}: input is {xv.dtype}; quantize expects an fp32 model", "export the model in fp32")
         if cfg.scheme.startswith("int4") and li.in_features % cfg.group_size:
@@ -454,7 +332,7 @@ def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
             op, tensors, args, w_hat, bits = _quantize(w0 * sc if sc is not None else w0, li, cfg, clips.get(li.path))
             w_eff = w_hat / sc if sc is not None else w_hat  # what the layer computes with, vs the original
             layers.append({"name": li.path, "sqnr_db": round(quant.sqnr_db(w0, w_eff), 2), "bits": bits})
-            orig_w = _get(gm, li.weight)
+            orig_w = get_tensor(gm, li.weight)
             before += orig_w.numel() * orig_w.element_size()
             after += sum(t.numel() * t.element_size() for t in tensors.values())
             readers = [u for a in gm.graph.nodes if a.op == "get_attr" and a.target == li.weight for u in a.users]
