@@ -151,9 +151,22 @@ def linear_dq_int8(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tenso
     return y.reshape(*x.shape[:-1], w_q.shape[1])
 
 
-@linear_dq_int8.register_fake
-def _(x, w_q, w_scale, bias):
+def _linear_fake(x, w_q, w_scale, bias):
+    """Output shape of the ops whose weights are [in, out]: [..., out]."""
     return x.new_empty((*x.shape[:-1], w_q.shape[1]))
+
+
+linear_dq_int8.register_fake(_linear_fake)
+
+
+def _weights_u8(w_q):
+    """int8 weights as uint8 + 128 (zero point 128), for the u8u8 layout (see onnx_int8_layout). It reads
+    only the initializer, so onnxruntime folds it once when the session is created."""
+    import onnx_ir as ir
+    from onnxscript import opset18 as op
+
+    i32 = ir.DataType.INT32
+    return op.Cast(op.Add(op.Cast(w_q, to=i32), op.Constant(value=ir.tensor(128, dtype=i32))), to=ir.DataType.UINT8)
 
 
 def _onnx_linear_dq_int8(x, w_q, w_scale, bias=None):
@@ -176,11 +189,7 @@ def _onnx_linear_dq_int8(x, w_q, w_scale, bias=None):
     if onnx_int8_layout() in ("u8s8", "u8s7"):  # u8s7: the pass kept the codes to 7 bits
         y = _contrib("MatMulIntegerToFloat")(q, w_q, op.Constant(value_float=1.0), w_scale, a_zp)
     else:
-        # weights as uint8 with zero point 128 (w + 128), see onnx_int8_layout. The conversion
-        # reads only the initializer, so onnxruntime folds it once when the session is created.
-        i32 = ir.DataType.INT32
-        w_u8 = op.Cast(op.Add(op.Cast(w_q, to=i32), op.Constant(value=ir.tensor(128, dtype=i32))), to=u8)
-        y = _contrib("MatMulIntegerToFloat")(q, w_u8, op.Constant(value_float=1.0), w_scale, a_zp,
+        y = _contrib("MatMulIntegerToFloat")(q, _weights_u8(w_q), op.Constant(value_float=1.0), w_scale, a_zp,
                                              op.Constant(value=ir.tensor(128, dtype=u8)))
     y = op.Mul(y, s)
     return op.Add(y, bias) if bias is not None else y
@@ -203,9 +212,7 @@ def linear_dq_int8_tensor(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optiona
     return y.reshape(*x.shape[:-1], w_q.shape[1])
 
 
-@linear_dq_int8_tensor.register_fake
-def _(x, w_q, w_scale, bias):
-    return x.new_empty((*x.shape[:-1], w_q.shape[1]))
+linear_dq_int8_tensor.register_fake(_linear_fake)
 
 
 def _onnx_linear_dq_int8_tensor(x, w_q, w_scale, bias=None):
@@ -216,9 +223,8 @@ def _onnx_linear_dq_int8_tensor(x, w_q, w_scale, bias=None):
 
     if onnx_int8_layout() in ("u8s8", "u8s7"):
         return _contrib("DynamicQuantizeMatMul")(x, w_q, w_scale, None, bias)
-    i32, u8 = ir.DataType.INT32, ir.DataType.UINT8
-    w_u8 = op.Cast(op.Add(op.Cast(w_q, to=i32), op.Constant(value=ir.tensor(128, dtype=i32))), to=u8)
-    return _contrib("DynamicQuantizeMatMul")(x, w_u8, w_scale, op.Constant(value=ir.tensor(128, dtype=u8)), bias)
+    zp = op.Constant(value=ir.tensor(128, dtype=ir.DataType.UINT8))
+    return _contrib("DynamicQuantizeMatMul")(x, _weights_u8(w_q), w_scale, zp, bias)
 
 
 # -------------------------------------------------------- int8 weight-only ---
@@ -231,9 +237,7 @@ def linear_w8(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -
     return y + bias if bias is not None else y
 
 
-@linear_w8.register_fake
-def _(x, w_q, w_scale, bias):
-    return x.new_empty((*x.shape[:-1], w_q.shape[1]))
+linear_w8.register_fake(_linear_fake)
 
 
 def _onnx_linear_w8(x, w_q, w_scale, bias=None):
