@@ -9,7 +9,7 @@ from collections import Counter
 import torch
 import torch.fx as fx
 
-from optcc.structure import module_path
+from optcc.structure import attr_at, module_path
 
 _BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")
 OUTSIDE = "(outside blocks)"
@@ -30,9 +30,7 @@ def _arg(a) -> str:
 
 
 def _tensor_bytes(gm: fx.GraphModule, target: str) -> int:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
+    obj = attr_at(gm, target)
     return obj.numel() * obj.element_size() if isinstance(obj, torch.Tensor) else 0
 
 

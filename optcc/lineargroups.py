@@ -16,20 +16,12 @@ import torch
 import torch.fx as fx
 
 from optcc.errors import PassError
-from optcc.structure import Linear, module_classes, module_path
+from optcc.structure import Linear, attr_at, module_classes, module_path
 
 aten = torch.ops.aten
 # Ops that hand the same values on unchanged (as long as the last dim is kept).
 _PASS_THROUGH = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
                  aten.alias.default, aten.contiguous.default}
-
-
-def get_tensor(gm: torch.nn.Module, target: str):
-    """The tensor (or module) at a dotted get_attr target."""
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def set_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
@@ -86,7 +78,7 @@ def _norm_params(gm: fx.GraphModule, n: fx.Node, width: int) -> tuple[Optional[f
     elif n.target == aten.mul.Tensor and module_classes(n) and "norm" in module_classes(n)[-1].lower():
         # RMSNorm written out (HF Llama): weight * normalized
         w = next((a for a in n.args if isinstance(a, fx.Node) and a.op == "get_attr"
-                  and tuple(get_tensor(gm, a.target).shape) == (width,)), None)
+                  and tuple(attr_at(gm, a.target).shape) == (width,)), None)
         b = None
     else:
         return None, None, "input is not computed by a norm"

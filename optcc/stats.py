@@ -6,6 +6,7 @@ import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
 from optcc.probe import placeholder_args
+from optcc.structure import attr_at
 
 
 def used_attrs(gm: fx.GraphModule) -> set[str]:
@@ -17,9 +18,7 @@ def param_stats(gm: fx.GraphModule) -> tuple[int, int]:
     seen: set[int] = set()
     count = nbytes = 0
     for target in used_attrs(gm):
-        obj = gm
-        for part in target.split("."):
-            obj = getattr(obj, part, None)
+        obj = attr_at(gm, target)
         if isinstance(obj, torch.Tensor) and id(obj) not in seen:
             seen.add(id(obj))
             count += obj.numel()

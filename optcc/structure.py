@@ -130,14 +130,15 @@ def linear_info(gm: fx.GraphModule, node: fx.Node) -> Optional[Linear]:
         transposed = True
     if not isinstance(w, fx.Node) or w.op != "get_attr":
         return None
-    weight = _get_attr(gm, w.target)
+    weight = attr_at(gm, w.target)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         return None
     in_f, out_f = (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
     return Linear(module_path(node), node.name, w.target, int(in_f), int(out_f), transposed)
 
 
-def _get_attr(gm: torch.nn.Module, target: str):
+def attr_at(gm: torch.nn.Module, target: str):
+    """The object at a dotted get_attr target (a parameter, buffer or module), None if there is none."""
     obj = gm
     for part in target.split("."):
         obj = getattr(obj, part, None)

@@ -25,8 +25,8 @@ from optcc.errors import PassError
 from optcc.probe import record
 from optcc.registry import PassResult, register
 from optcc.schema import field
-from optcc.lineargroups import Group, get_tensor, groups, linear_parts, set_tensor
-from optcc.structure import Linear, module_path
+from optcc.lineargroups import Group, groups, linear_parts, set_tensor
+from optcc.structure import Linear, attr_at, module_path
 
 aten = torch.ops.aten
 ops = torch.ops.optcc
@@ -140,7 +140,7 @@ def _stats(gm: fx.GraphModule, grps: list[Group], batches: list[dict], rows: int
 
 def _weight(gm: fx.GraphModule, li: Linear) -> torch.Tensor:
     """The layer's weight as [out, in] fp32 (GPT-2 Conv1D stores [in, out])."""
-    w = get_tensor(gm, li.weight).detach().float()
+    w = attr_at(gm, li.weight).detach().float()
     return w.t() if li.transposed else w
 
 
@@ -148,7 +148,7 @@ def _fold(gm: fx.GraphModule, g: Group, s: torch.Tensor, scales: dict[str, torch
     """x/s goes into the norm (weight and bias), w·s into each linear of the group."""
     for p in (g.norm_weight, g.norm_bias):
         if p is not None:
-            old = get_tensor(gm, p.target)
+            old = attr_at(gm, p.target)
             set_tensor(gm, p.target, (old.detach().float() / s).to(old.dtype))
     for li, _ in g.members:
         scales[li.path] = s
@@ -332,7 +332,7 @@ def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
             op, tensors, args, w_hat, bits = _quantize(w0 * sc if sc is not None else w0, li, cfg, clips.get(li.path))
             w_eff = w_hat / sc if sc is not None else w_hat  # what the layer computes with, vs the original
             layers.append({"name": li.path, "sqnr_db": round(quant.sqnr_db(w0, w_eff), 2), "bits": bits})
-            orig_w = get_tensor(gm, li.weight)
+            orig_w = attr_at(gm, li.weight)
             before += orig_w.numel() * orig_w.element_size()
             after += sum(t.numel() * t.element_size() for t in tensors.values())
             readers = [u for a in gm.graph.nodes if a.op == "get_attr" and a.target == li.weight for u in a.users]
