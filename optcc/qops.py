@@ -26,6 +26,7 @@ and the ONNX op read the same tensors:
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import platform
@@ -73,15 +74,18 @@ def _contrib(name: str):
 
 # ------------------------------------------------------------ int8 dynamic ---
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags, read once: onnx_int8_layout asks for every quantized linear,
+    in the pass and again in the ONNX translation."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
 
 
 def int8_gemm_kernel() -> str:
