@@ -328,12 +328,11 @@ def _align_retained(got: list[torch.Tensor], expected: list[torch.Tensor], names
             raise ExportError(f"{what} {pair}: retains {int(swaps.max())} other token positions than the graph in one "
                               f"(batch, head) (allowed {allowed} near-tie swaps)", "run with --debug")
         total += int(swaps.sum())
-        for i in dirs:  # swapped positions hold a retained vector on one side, a merged one on the other
-            hide = swapped.unsqueeze(-1)
+        hide = swapped.unsqueeze(-1)  # a retained vector on one side, a merged one on the other
+        for i in dirs:
             expected[i], got[i] = expected[i].masked_fill(hide, 0), got[i].masked_fill(hide, 0)
-        both = (~swapped).unsqueeze(-1)
-        expected[i_kept] = kvmath.kept_by_position(e_at, expected[i_kept], length).masked_fill(~both, 0)
-        got[i_kept] = kvmath.kept_by_position(g_at, got[i_kept], length).masked_fill(~both, 0)
+        expected[i_kept] = kvmath.kept_by_position(e_at, expected[i_kept], length).masked_fill(hide, 0)
+        got[i_kept] = kvmath.kept_by_position(g_at, got[i_kept], length).masked_fill(hide, 0)
         expected[i_at] = got[i_at] = torch.zeros(0, dtype=torch.int64)
     return got, expected, total
 
