@@ -8,7 +8,6 @@ import struct
 import zipfile
 import zlib
 import logging
-import os
 import warnings
 import contextlib
 from dataclasses import dataclass
