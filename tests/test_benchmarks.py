@@ -3,6 +3,8 @@ import json
 import subprocess
 import sys
 
+import torch
+
 from conftest import ROOT
 
 
@@ -31,3 +33,30 @@ def test_quick_benchmark_writes_tables(tmp_path):
     assert data["gemm_peak_gflops"] > 0
     md = next(tmp_path.glob("*-quick-*.md")).read_text()
     assert "## W2" in md and "speedup_vs_fp32" in md
+
+
+def test_quantize_floor_graphs_compute_the_int8_linears(monkeypatch):
+    """The floor benchmark times what it claims: its onnxruntime graphs give each layer's
+    int8 product (codes · weight codes · weight scale), pre-quantized and with DynamicQuantizeMatMul."""
+    import numpy as np
+
+    from benchmarks.quantize_floor import int8_sessions
+    from optcc.quant import quantize_per_tensor_u8
+
+    monkeypatch.setenv("OPTCC_ONNX_INT8", "u8s7")
+    rng = np.random.default_rng(0)
+    weights = [rng.standard_normal((24, 16)).astype(np.float32), rng.standard_normal((16, 24)).astype(np.float32)]
+    layout, gemm, dqmm = int8_sessions(weights, threads=1)
+    assert layout == "u8s7"
+    q = [rng.integers(0, 256, (5, w.shape[1]), dtype=np.uint8) for w in weights]
+    x = [rng.standard_normal((5, w.shape[1])).astype(np.float32) for w in weights]
+    got_g = gemm.run(None, {f"q{i}": v for i, v in enumerate(q)})
+    got_d = dqmm.run(None, {f"x{i}": v for i, v in enumerate(x)})
+    for w, qi, xi, yg, yd in zip(weights, q, x, got_g, got_d):
+        ws = np.abs(w).max(1) / 63
+        wq = np.round(w / ws[:, None])
+        assert np.abs(wq).max() <= 63
+        np.testing.assert_allclose(yg, ((qi.astype(np.float64) - 128) @ wq.T) * ws, rtol=1e-5, atol=1e-4)
+        codes, scale, zero = quantize_per_tensor_u8(torch.from_numpy(xi))
+        ref = ((codes.double() - zero.double()).numpy() @ wq.T) * ws * float(scale)
+        np.testing.assert_allclose(yd, ref, rtol=1e-5, atol=1e-4)
