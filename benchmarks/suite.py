@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 # optcc's contenders: each recipe runs on the workload's model and shapes (model.inputs overridden)
 DEFAULT_RECIPES = ",".join([
-    "W1=recipes/quantize-int8.yaml", "W1=recipes/minilm-int8-merge.yaml",
+    "W1=recipes/quantize-int8.yaml", "W1=recipes/quantize-int8-tensor.yaml", "W1=recipes/minilm-int8-merge.yaml",
     "W2=recipes/token_merge.yaml", "W2=recipes/vit-merge-int8.yaml",
     "W3=recipes/generate.yaml", "W3=recipes/llama-int8-kv.yaml"])
 
