@@ -60,8 +60,7 @@ def int8_sessions(weights: list[np.ndarray], threads: int):
 
     from optcc import qops
 
-    layout = qops.onnx_int8_layout()
-    qmax = 63 if layout == "u8s7" else 127
+    layout, qmax = qops.onnx_int8_layout(), qops.int8_weight_qmax()
     gemm, dqmm, gin, din, inits = [], [], [], [], []
     for i, w in enumerate(weights):
         ws = np.maximum(np.abs(w).max(1), 1e-8) / qmax
@@ -107,7 +106,7 @@ def main() -> None:
     from transformers import AutoModel
 
     model = AutoModel.from_pretrained(get_model_path()).eval()
-    linears = [m for n, m in model.encoder.named_modules() if isinstance(m, torch.nn.Linear)]
+    linears = [m for m in model.encoder.modules() if isinstance(m, torch.nn.Linear)]
     rows = a.batch * a.seq
     gen = torch.Generator().manual_seed(0)
     xs = [torch.randn(rows, m.in_features, generator=gen) for m in linears]
