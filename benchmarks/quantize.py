@@ -12,6 +12,7 @@ row holds `seq` tokens):
   e  optcc int8-dynamic, model.onnx
   f  optcc int8-dynamic, model.pt2
   g  optcc int8-dynamic with activations: per-tensor, model.onnx (one DynamicQuantizeMatMul per linear)
+  h  the same, model.pt2 (torch's fbgemm int8 GEMM where this torch has it)
 Fidelity: sentence embeddings (mean pooling over the attention mask) of every
 sentence in sentences.jsonl, padded to `seq`, cosine vs (a): mean and min.
 Prints a markdown table; --json writes the numbers too.
@@ -158,6 +159,8 @@ def main() -> int:
     recipe.write_text(RECIPE.format(opset=args.opset, activations="per-tensor"))
     optcc.apply(recipe, out=work / "optcc-tensor")
     runners["g optcc int8-dynamic per-tensor ONNX"] = ort_session(work / "optcc-tensor" / "model.onnx", args.threads)
+    ep_t = torch.export.load(str(work / "optcc-tensor" / "model.pt2")).module()
+    runners["h optcc int8-dynamic per-tensor .pt2"] = lambda inp: ep_t(**inp)[0]
     prep_s = time.perf_counter() - t0
 
     with torch.no_grad():

@@ -203,7 +203,8 @@ _KERNELS = {
                          "onnx": "com.microsoft MatMulNBits (bits=4)"},
 }
 _KERNELS["int4-awq"] = _KERNELS["int4-weight-only"]
-_PER_TENSOR = {"torch": "per-tensor uint8 codes (DynamicQuantizeLinear's rule) x int8 weights: torch._int_mm on CPUs with int8 "
+_PER_TENSOR = {"torch": "per-tensor uint8 codes (DynamicQuantizeLinear's rule) x int8 weights: torch's fbgemm int8 GEMM where "
+                        "it is exact for the weights (torch_int8_gemm fbgemm), else torch._int_mm on CPUs with int8 "
                         "dot-product instructions, else the same codes multiplied in fp32; scales and bias in fp32",
                "onnx": "com.microsoft DynamicQuantizeMatMul (quantize, integer GEMM, scales and bias in one kernel; "
                        "weights int8 or uint8, see onnx_int8_weights)"}
@@ -213,7 +214,12 @@ def _kernels(cfg: Config) -> dict:
     if cfg.scheme != "int8-dynamic":
         return dict(_KERNELS[cfg.scheme])
     base = _PER_TENSOR if cfg.activations == "per-tensor" else _KERNELS["int8-dynamic"]
-    return {**base, "activations": cfg.activations, "torch_int8_gemm": qops.INT8_GEMM, "onnx_int8_weights": qops.onnx_int8_layout()}
+    return {**base, "activations": cfg.activations, "torch_int8_gemm": _torch_gemm(cfg), "onnx_int8_weights": qops.onnx_int8_layout()}
+
+
+def _torch_gemm(cfg: Config) -> str:
+    """The int8 GEMM the torch op of this int8-dynamic config runs here: int_mm | fp32 | fbgemm (qops)."""
+    return qops.per_tensor_gemm_kernel() if cfg.activations == "per-tensor" else qops.INT8_GEMM
 
 
 def _timing(orig: fx.GraphModule, gm: fx.GraphModule, ctx: PassContext) -> dict:
@@ -288,10 +294,16 @@ def _notes(cfg: Config, tied: list[str], skipped: int, timing: Optional[dict]) -
                          "at one bit less weight precision (OPTCC_ONNX_INT8=u8u8 keeps 8 bits, u8s8 on a CPU with VNNI)")
         else:
             notes.append("ONNX weights are uint8 + zero point 128 (u8·u8 GEMM, exact on every onnxruntime kernel)")
-        if qops.INT8_GEMM == "fp32":
+        gemm = _torch_gemm(cfg)
+        if gemm == "fp32":
+            fbgemm = cfg.activations == "per-token" and qops.INT8_GEMM_TENSOR == "fbgemm"
             notes.append("torch artifact: this CPU has no int8 dot-product instructions (VNNI/AMX/i8mm), where "
                          "torch._int_mm is many times slower than fp32, so the .pt2 multiplies the int8 codes in fp32: "
-                         "smaller weights, no speedup on torch here — the ONNX artifact runs the integer GEMM")
+                         "smaller weights, no speedup on torch here — the ONNX artifact runs the integer GEMM"
+                         + ("; with activations: per-tensor the .pt2 runs torch's fbgemm int8 GEMM here" if fbgemm else ""))
+        elif gemm == "fbgemm":
+            notes.append("torch artifact: torch's fbgemm int8 GEMM, which quantizes the activations itself by the same "
+                         "rule but rounds x·(1/scale): about one code in 150,000 differs by one from onnxruntime's")
     if timing is not None and timing["speedup"] < 1.0:
         notes.append(f"SLOWER: on this machine the quantized torch graph runs at {timing['speedup']:.2f}x "
                      f"the fp32 graph ({timing['quantized_p50_ms']:.2f} ms vs {timing['fp32_p50_ms']:.2f} ms)")

@@ -387,12 +387,58 @@ def test_per_tensor_int8_gemm_kernels_agree(monkeypatch):
     x, w, b = torch.randn(2, 32, 96, generator=g), torch.randn(48, 96, generator=g), torch.randn(48, generator=g)
     wq, ws = quantize_per_channel(w, 63)
     outs = {}
-    for kernel in ("int_mm", "fp32"):
-        monkeypatch.setattr(qops, "INT8_GEMM", kernel)
+    kernels = ("int_mm", "fp32") + (("fbgemm",) if qops.fbgemm_exact_qmax() >= 63 else ())
+    for kernel in kernels:
+        monkeypatch.setattr(qops, "INT8_GEMM", kernel if kernel != "fbgemm" else "fp32")
+        monkeypatch.setattr(qops, "INT8_GEMM_TENSOR", kernel)
         outs[kernel] = torch.ops.optcc.linear_dq_int8_tensor(x, wq.t().contiguous(), ws, b)
-    torch.testing.assert_close(outs["fp32"], outs["int_mm"], rtol=0, atol=1e-4)  # same integer products
+    for kernel in kernels[1:]:  # the same integer products (fbgemm rounds rare codes differently: none in this input)
+        torch.testing.assert_close(outs[kernel], outs["int_mm"], rtol=0, atol=1e-4)
     assert outs["fp32"].shape == (2, 32, 48)
     assert torch.nn.functional.cosine_similarity(outs["fp32"].flatten(), (x @ w.t() + b).flatten(), dim=0) > 0.999
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or "fbgemm" not in torch.backends.quantized.supported_engines,
+                    reason="torch's fbgemm int8 GEMM is on x86 builds")
+def test_fbgemm_per_tensor_kernel_is_exact_or_not_taken(monkeypatch):
+    """The per-tensor op runs fbgemm only on weights whose codes it keeps exact here (probed), packs them
+    once, and otherwise multiplies the same codes in fp32; its activation codes are DynamicQuantizeLinear's
+    but for rare one-code differences of rounding x·(1/scale)."""
+    from optcc import qops
+    from optcc.quant import quantize_per_channel
+
+    assert qops.fbgemm_exact_qmax() in (63, 127)  # 127 with VNNI, 63 where u8·s8 pairs add in int16
+    monkeypatch.setattr(qops, "INT8_GEMM_TENSOR", "fbgemm")
+    g = torch.Generator().manual_seed(1)
+    x, w, b = torch.randn(512, 256, generator=g) * 2, torch.randn(64, 256, generator=g), torch.randn(64, generator=g)
+    x[:, 3] += 9.0  # an outlier channel, as real activations have
+    for qmax in (63, 127):
+        wq, ws = quantize_per_channel(w, qmax)
+        w_t = wq.t().contiguous()
+        y = torch.ops.optcc.linear_dq_int8_tensor(x, w_t, ws, b)
+        taken = qmax <= qops.fbgemm_exact_qmax()
+        assert (w_t._optcc_fbgemm[1] is not None) == taken
+        packed = w_t._optcc_fbgemm[1]
+        assert torch.equal(torch.ops.optcc.linear_dq_int8_tensor(x, w_t, ws, b), y)
+        if taken:
+            assert w_t._optcc_fbgemm[1] is packed  # packed once
+        monkeypatch.setattr(qops, "INT8_GEMM_TENSOR", "fp32")
+        ref = torch.ops.optcc.linear_dq_int8_tensor(x, w_t, ws, b)
+        monkeypatch.setattr(qops, "INT8_GEMM_TENSOR", "fbgemm")
+        q, s, zp = quant.quantize_per_tensor_u8(x)
+        step = float(s) * (wq.abs().to(torch.float32) * ws[:, None]).max()  # one activation code's largest effect
+        rows_off = ((y - ref).abs() > 1e-4 * ref.abs().max()).any(1)
+        assert (y - ref).abs().max() <= 2 * step and rows_off.float().mean() <= 0.01, (qmax, rows_off.sum())
+        if not taken:
+            assert torch.equal(y, ref)
+    wq, ws = quantize_per_channel(w, 63)
+    w_t = wq.t().contiguous()
+    before = torch.ops.optcc.linear_dq_int8_tensor(x, w_t, ws, b)
+    packed = w_t._optcc_fbgemm[1]
+    w_t.neg_()  # a weight changed in place is packed again
+    after = torch.ops.optcc.linear_dq_int8_tensor(x, w_t, ws, b)
+    assert w_t._optcc_fbgemm[1] is not packed
+    torch.testing.assert_close(after - b, -(before - b), rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize("layout", [None, "u8u8"])  # this CPU's choice, and uint8 weights with a zero point
@@ -403,6 +449,10 @@ def test_per_tensor_activations_run_one_fused_onnx_op_per_linear(tmp_path, monke
                            task="feature-extraction")
     st = report["passes"][0]["stats"]
     assert st["kernels"]["activations"] == "per-tensor" and "DynamicQuantizeMatMul" in st["kernels"]["onnx"]
+    from optcc import qops
+    # this CPU's layout fits torch's fbgemm int8 GEMM where torch has one; 8-bit uint8 weights only with VNNI
+    fits = qops.fbgemm_exact_qmax() >= (127 if layout else qops.int8_weight_qmax())
+    assert st["kernels"]["torch_int8_gemm"] == ("fbgemm" if fits else qops.INT8_GEMM)
     ops_ = [n.op_type for n in model.graph.node]
     assert ops_.count("DynamicQuantizeMatMul") == st["quantized"] == 19
     assert "MatMulIntegerToFloat" not in ops_ and "QuantizeLinear" not in ops_ and _weight_matmuls(model) == []
