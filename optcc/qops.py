@@ -32,6 +32,7 @@ import math
 import os
 import platform
 import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -284,22 +285,28 @@ def linear_dq_int8_tensor(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optiona
 linear_dq_int8_tensor.register_fake(_linear_fake)
 
 
+# id(w_q) -> (w_q._version, fbgemm's tensors or None), dropped when w_q is collected. Not an
+# attribute of w_q: the packed matrix is an opaque handle that must not be deep-copied or saved.
+_FBGEMM_PACKED: dict[int, tuple[int, Optional[tuple[Tensor, Tensor, Tensor, Tensor]]]] = {}
+
+
 def _fbgemm_weights(w_q: Tensor) -> Optional[tuple[Tensor, Tensor, Tensor, Tensor]]:
     """w_q [in, out] int8 as fbgemm reads it: (codes [out, in], packed, column sums, zero bias),
-    packed on the first call and kept on the tensor (re-packed if it changes); None when a code
-    exceeds what fbgemm keeps exact here (fbgemm_exact_qmax), and the op then takes the other kernel."""
-    cached = getattr(w_q, "_optcc_fbgemm", None)
+    packed on the first call and kept while w_q lives (again if it changes in place); None when
+    a code exceeds what fbgemm keeps exact here (fbgemm_exact_qmax): the op takes another kernel."""
+    key = id(w_q)
+    cached = _FBGEMM_PACKED.get(key)
     if cached is None or cached[0] != w_q._version:
         w_t = w_q.t().contiguous()
-        fits = int(w_t.to(torch.int16).abs().max()) <= fbgemm_exact_qmax() if w_t.numel() else False
         packed = None
-        if fits:
+        if w_t.numel() and int(w_t.to(torch.int16).abs().max()) <= fbgemm_exact_qmax():
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 packed = (w_t, torch.fbgemm_pack_quantized_matrix(w_t), w_t.sum(1, dtype=torch.int32),
                           torch.zeros(w_t.shape[0]))
-        cached = (w_q._version, packed)
-        w_q._optcc_fbgemm = cached
+        if cached is None:
+            weakref.finalize(w_q, _FBGEMM_PACKED.pop, key, None)
+        cached = _FBGEMM_PACKED[key] = (w_q._version, packed)
     return cached[1]
 
 

@@ -417,11 +417,11 @@ def test_fbgemm_per_tensor_kernel_is_exact_or_not_taken(monkeypatch):
         w_t = wq.t().contiguous()
         y = torch.ops.optcc.linear_dq_int8_tensor(x, w_t, ws, b)
         taken = qmax <= qops.fbgemm_exact_qmax()
-        assert (w_t._optcc_fbgemm[1] is not None) == taken
-        packed = w_t._optcc_fbgemm[1]
+        assert (qops._fbgemm_weights(w_t) is not None) == taken
+        packed = qops._fbgemm_weights(w_t)
         assert torch.equal(torch.ops.optcc.linear_dq_int8_tensor(x, w_t, ws, b), y)
         if taken:
-            assert w_t._optcc_fbgemm[1] is packed  # packed once
+            assert qops._fbgemm_weights(w_t) is packed  # packed once
         monkeypatch.setattr(qops, "INT8_GEMM_TENSOR", "fp32")
         ref = torch.ops.optcc.linear_dq_int8_tensor(x, w_t, ws, b)
         monkeypatch.setattr(qops, "INT8_GEMM_TENSOR", "fbgemm")
@@ -434,11 +434,16 @@ def test_fbgemm_per_tensor_kernel_is_exact_or_not_taken(monkeypatch):
     wq, ws = quantize_per_channel(w, 63)
     w_t = wq.t().contiguous()
     before = torch.ops.optcc.linear_dq_int8_tensor(x, w_t, ws, b)
-    packed = w_t._optcc_fbgemm[1]
+    packed = qops._fbgemm_weights(w_t)
     w_t.neg_()  # a weight changed in place is packed again
     after = torch.ops.optcc.linear_dq_int8_tensor(x, w_t, ws, b)
-    assert w_t._optcc_fbgemm[1] is not packed
+    assert qops._fbgemm_weights(w_t) is not packed
     torch.testing.assert_close(after - b, -(before - b), rtol=1e-4, atol=1e-3)
+    copied = copy.deepcopy(w_t)  # a copy is packed on its own; the handle is no attribute to copy or save
+    assert not w_t.__dict__ and torch.equal(torch.ops.optcc.linear_dq_int8_tensor(x, copied, ws, b), after)
+    key = id(w_t)
+    del w_t, copied
+    assert key not in qops._FBGEMM_PACKED  # dropped with its tensor
 
 
 @pytest.mark.parametrize("layout", [None, "u8u8"])  # this CPU's choice, and uint8 weights with a zero point
