@@ -128,30 +128,36 @@ def fbgemm_exact_qmax() -> int:
     x = torch.tensor([[255.0, 0.0] * 16, [255.0] * 32, [0.0, 255.0] * 16])  # range [0, 255]: scale 1, zero point 0
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # deprecation, once per process
+            warnings.simplefilter("ignore")  # the API is deprecated; torch warns once per process, here
             for qmax in (127, 63):
                 w = torch.full((4, 32), qmax, dtype=torch.int8)
                 w[1::2] = -qmax
-                y = torch.fbgemm_linear_int8_weight_fp32_activation(
-                    x, w, torch.fbgemm_pack_quantized_matrix(w), w.sum(1, dtype=torch.int32), 1.0, 0, torch.zeros(4))
-                if torch.equal(y, x @ w.t().to(torch.float32)):
+                if torch.equal(_fbgemm_mm(x, _fbgemm_pack(w)), x @ w.t().to(torch.float32)):
                     return qmax
     except RuntimeError:
         pass
     return 0
 
 
-def _per_tensor_gemm() -> str:
-    """The kernel optcc::linear_dq_int8_tensor prefers in this process: "fbgemm" where torch has a
-    usable fbgemm, unless OPTCC_INT8_GEMM=int_mm|fp32 forces one of the per-token op's kernels.
-    Each weight still takes it only if its codes fit fbgemm_exact_qmax (see per_tensor_gemm_kernel)."""
-    forced = os.environ.get("OPTCC_INT8_GEMM")
-    if forced in ("int_mm", "fp32"):
-        return forced
-    return "fbgemm" if fbgemm_exact_qmax() else INT8_GEMM
+def _fbgemm_pack(w_t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """int8 codes [out, in] as fbgemm's GEMM reads them: (codes, packed, column sums, zero bias)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # deprecated, as above; once per weight, off the hot path
+        return w_t, torch.fbgemm_pack_quantized_matrix(w_t), w_t.sum(1, dtype=torch.int32), torch.zeros(w_t.shape[0])
 
 
-INT8_GEMM_TENSOR = _per_tensor_gemm()  # the per-tensor op's kernel in this process
+def _fbgemm_mm(x2: Tensor, packed: tuple[Tensor, Tensor, Tensor, Tensor]) -> Tensor:
+    """x2 [rows, in] f32 quantized per tensor to uint8 by fbgemm × the packed codes → [rows, out]
+    f32 in units of the weight codes (weight scale 1, zero point 0, no bias)."""
+    w_t, mat, col_sums, zeros = packed
+    return torch.fbgemm_linear_int8_weight_fp32_activation(x2, w_t, mat, col_sums, 1.0, 0, zeros)
+
+
+# The per-tensor op's kernel in this process: "fbgemm" where torch has a usable one, unless
+# OPTCC_INT8_GEMM=int_mm|fp32 forces the per-token op's choice (INT8_GEMM then is the forced
+# one). Each weight still takes fbgemm only if its codes fit fbgemm_exact_qmax.
+INT8_GEMM_TENSOR = "fbgemm" if os.environ.get("OPTCC_INT8_GEMM") not in ("int_mm", "fp32") and fbgemm_exact_qmax() \
+    else INT8_GEMM
 
 _X86 = ("x86_64", "AMD64", "i386", "i686")
 
@@ -262,21 +268,18 @@ def linear_dq_int8_tensor(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optiona
     """Per-tensor dynamic uint8 activations (one scale and zero point for the whole x, as ONNX
     DynamicQuantizeLinear) × per-channel int8 weights. x: [..., in]; w_q: [in, out] int8;
     w_scale: [out]; bias: [out] → [..., out]."""
-    fb = _fbgemm_weights(w_q) if INT8_GEMM_TENSOR == "fbgemm" else None
-    if fb is not None:
-        w_t, packed, col_sums, zeros = fb
-        x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
-        y = torch.fbgemm_linear_int8_weight_fp32_activation(x2, w_t, packed, col_sums, 1.0, 0, zeros).mul_(w_scale)
-        if bias is not None:
-            y.add_(bias)
-        return y.reshape(*x.shape[:-1], w_q.shape[1])
-    q, s, zp = quantize_per_tensor_u8(x.reshape(-1, x.shape[-1]))
-    if INT8_GEMM == "int_mm":  # uint8 codes as int8 (q - 128), the offset added back through the weights' column sums
-        acc = torch._int_mm((q - 128.0).to(torch.int8), w_q) + ((128.0 - zp).to(torch.int32) * w_q.sum(0, dtype=torch.int32))
-        acc = acc.to(torch.float32)
+    x2 = x.reshape(-1, x.shape[-1])
+    packed = _fbgemm_weights(w_q) if INT8_GEMM_TENSOR == "fbgemm" else None
+    if packed is not None:  # fbgemm quantizes x2 itself and applies its scale
+        y = _fbgemm_mm(x2.to(torch.float32).contiguous(), packed).mul_(w_scale)
     else:
-        acc = torch.mm(q - zp, w_q.to(torch.float32))
-    y = acc.mul_(s * w_scale)  # acc · (a_scale · b_scale) + bias: onnxruntime's DynamicQuantizeMatMul order
+        q, s, zp = quantize_per_tensor_u8(x2)
+        if INT8_GEMM == "int_mm":  # uint8 codes as int8 (q - 128), the offset added back through the weights' column sums
+            acc = torch._int_mm((q - 128.0).to(torch.int8), w_q) + ((128.0 - zp).to(torch.int32) * w_q.sum(0, dtype=torch.int32))
+            acc = acc.to(torch.float32)
+        else:
+            acc = torch.mm(q - zp, w_q.to(torch.float32))
+        y = acc.mul_(s * w_scale)  # acc · (a_scale · b_scale) + bias: onnxruntime's DynamicQuantizeMatMul order
     if bias is not None:
         y.add_(bias)
     return y.reshape(*x.shape[:-1], w_q.shape[1])
@@ -298,12 +301,8 @@ def _fbgemm_weights(w_q: Tensor) -> Optional[tuple[Tensor, Tensor, Tensor, Tenso
     cached = _FBGEMM_PACKED.get(key)
     if cached is None or cached[0] != w_q._version:
         w_t = w_q.t().contiguous()
-        packed = None
-        if w_t.numel() and int(w_t.to(torch.int16).abs().max()) <= fbgemm_exact_qmax():
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                packed = (w_t, torch.fbgemm_pack_quantized_matrix(w_t), w_t.sum(1, dtype=torch.int32),
-                          torch.zeros(w_t.shape[0]))
+        fits = w_t.numel() and int(w_t.to(torch.int16).abs().max()) <= fbgemm_exact_qmax()
+        packed = _fbgemm_pack(w_t) if fits else None
         if cached is None:
             weakref.finalize(w_q, _FBGEMM_PACKED.pop, key, None)
         cached = _FBGEMM_PACKED[key] = (w_q._version, packed)
