@@ -296,7 +296,7 @@ def _notes(cfg: Config, tied: list[str], skipped: int, timing: Optional[dict]) -
             notes.append("ONNX weights are uint8 + zero point 128 (u8·u8 GEMM, exact on every onnxruntime kernel)")
         gemm = _torch_gemm(cfg)
         if gemm == "fp32":
-            fbgemm = cfg.activations == "per-token" and qops.INT8_GEMM_TENSOR == "fbgemm"
+            fbgemm = cfg.activations == "per-token" and qops.per_tensor_gemm_kernel() == "fbgemm"
             notes.append("torch artifact: this CPU has no int8 dot-product instructions (VNNI/AMX/i8mm), where "
                          "torch._int_mm is many times slower than fp32, so the .pt2 multiplies the int8 codes in fp32: "
                          "smaller weights, no speedup on torch here — the ONNX artifact runs the integer GEMM"
