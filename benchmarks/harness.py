@@ -153,6 +153,20 @@ def count_flops(model: torch.nn.Module, inputs: dict) -> int:
     return flops(model, inputs)
 
 
+def graph_session(nodes: list, inputs: list, inits: list, threads: int):
+    """An onnxruntime CPU session of a graph of onnx.helper nodes (default and com.microsoft
+    domains): the given inputs (value infos) and initializers, every node's first output a float
+    graph output. For kernel micro-benchmarks."""
+    from onnx import TensorProto, helper
+
+    from optcc.emit import ort_session
+
+    outs = [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, None) for n in nodes]
+    model = helper.make_model(helper.make_graph(nodes, "bench", inputs, outs, inits),
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    return ort_session(model.SerializeToString(), threads)
+
+
 def workdir() -> Path:
     return Path(tempfile.mkdtemp(prefix="optcc-bench-"))
 

@@ -15,22 +15,23 @@ instead, since they quantize differently."""
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from optcc.bench import measure
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from benchmarks.harness import graph_session  # noqa: E402
+from optcc.bench import measure  # noqa: E402
 
 
 def _ort(nodes, inits, in_type, threads):
-    import onnxruntime as ort
-    from onnx import TensorProto as T, helper as h
+    """One-input ("x" of in_type) graph whose node writes "y"."""
+    from onnx import helper as h
 
-    g = h.make_graph(nodes, "g", [h.make_tensor_value_info("x", in_type, None)], [h.make_tensor_value_info("y", T.FLOAT, None)], inits)
-    m = h.make_model(g, opset_imports=[h.make_opsetid("", 18), h.make_opsetid("com.microsoft", 1)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return graph_session(nodes, [h.make_tensor_value_info("x", in_type, None)], inits, threads)
 
 
 def _nbits8(w: np.ndarray, block: int, accuracy_level: int, threads: int):

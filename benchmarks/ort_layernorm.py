@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from optcc.bench import measure  # noqa: E402
+from optcc.emit import ort_session  # noqa: E402
 
 
 def session(kind: str, shape: tuple[int, int, int], threads: int, params: dict[str, np.ndarray]):
@@ -46,11 +47,8 @@ def session(kind: str, shape: tuple[int, int, int], threads: int, params: dict[s
         else:
             nodes.append(helper.make_node("LayerNormalization", ["s", "gamma", "beta"], ["y"], axis=-1, epsilon=1e-12))
     model = helper.make_model(helper.make_graph(nodes, kind, io[:2], io[2:], inits), opset_imports=opsets)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(model.SerializeToString(),
-                                so, providers=["CPUExecutionProvider"])
+    return ort_session(model.SerializeToString(), threads,
+                       graph_optimization_level=ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
 
 
 def main() -> int:

@@ -19,13 +19,10 @@ import numpy as np
 
 
 def profile(path: Path, batch: int, seq: int, threads: int, calls: int = 10) -> dict[str, float]:
-    import onnxruntime as ort
+    from optcc.emit import ort_session
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    so.enable_profiling = True
-    so.profile_file_prefix = str(Path(tempfile.mkdtemp(prefix="ort-prof-")) / "p")
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    sess = ort_session(path, threads, enable_profiling=True,
+                       profile_file_prefix=str(Path(tempfile.mkdtemp(prefix="ort-prof-")) / "p"))
     rng = np.random.default_rng(0)
     fill = {"input_ids": rng.integers(1000, 20000, (batch, seq)), "attention_mask": np.ones((batch, seq)),
             "token_type_ids": np.zeros((batch, seq))}

@@ -75,14 +75,12 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
-def ort_session(path: Path, threads: int):
-    import onnxruntime as ort
+def ort_runner(path: Path, threads: int):
+    """The model's first output for a dict of torch inputs."""
+    from optcc.emit import load_onnx
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads, so.log_severity_level = threads, 1, 3
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    names = [i.name for i in sess.get_inputs()]
-    return lambda inp: torch.from_numpy(sess.run(None, {n: inp[n].numpy() for n in names})[0])
+    run = load_onnx(path, threads)
+    return lambda inp: run(inp)[0]
 
 
 def onnx_ops(path: Path) -> list[str]:
@@ -144,21 +142,21 @@ def main() -> int:
     prog.save(str(plain))
     plain_q = work / "plain.int8.onnx"
     quantize_dynamic(str(plain), str(plain_q))
-    runners["c onnxruntime quantize_dynamic int8"] = ort_session(plain_q, args.threads)
-    runners["d onnxruntime fp32"] = ort_session(plain, args.threads)
+    runners["c onnxruntime quantize_dynamic int8"] = ort_runner(plain_q, args.threads)
+    runners["d onnxruntime fp32"] = ort_runner(plain, args.threads)
 
     # e, f: optcc, as a user runs it.
     recipe = work / "recipe.yaml"
     recipe.write_text(RECIPE.format(opset=args.opset, activations="per-token"))
     report = optcc.apply(recipe, out=work / "optcc")
     qstats = next(p for p in report["passes"] if p["name"] == "quantize")["stats"]
-    runners["e optcc int8-dynamic ONNX"] = ort_session(work / "optcc" / "model.onnx", args.threads)
+    runners["e optcc int8-dynamic ONNX"] = ort_runner(work / "optcc" / "model.onnx", args.threads)
     ep = torch.export.load(str(work / "optcc" / "model.pt2")).module()
     runners["f optcc int8-dynamic .pt2"] = lambda inp: ep(**inp)[0]
     # g: the same with one activation scale per tensor
     recipe.write_text(RECIPE.format(opset=args.opset, activations="per-tensor"))
     optcc.apply(recipe, out=work / "optcc-tensor")
-    runners["g optcc int8-dynamic per-tensor ONNX"] = ort_session(work / "optcc-tensor" / "model.onnx", args.threads)
+    runners["g optcc int8-dynamic per-tensor ONNX"] = ort_runner(work / "optcc-tensor" / "model.onnx", args.threads)
     ep_t = torch.export.load(str(work / "optcc-tensor" / "model.pt2")).module()
     runners["h optcc int8-dynamic per-tensor .pt2"] = lambda inp: ep_t(**inp)[0]
     prep_s = time.perf_counter() - t0

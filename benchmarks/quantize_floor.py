@@ -39,19 +39,8 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.harness import graph_session  # noqa: E402
 from optcc.bench import measure  # noqa: E402
-
-
-def _session(nodes, inputs, inits, threads: int):
-    import onnxruntime as ort
-    from onnx import helper as h
-
-    outs = [h.make_tensor_value_info(n.output[0], 1, None) for n in nodes]
-    g = h.make_graph(nodes, "linears", inputs, outs, inits)
-    m = h.make_model(g, opset_imports=[h.make_opsetid("", 18), h.make_opsetid("com.microsoft", 1)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    return ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
 def int8_sessions(weights: list[np.ndarray], threads: int):
@@ -78,7 +67,7 @@ def int8_sessions(weights: list[np.ndarray], threads: int):
         gin.append(h.make_tensor_value_info(f"q{i}", T.UINT8, None))
         din.append(h.make_tensor_value_info(f"x{i}", T.FLOAT, None))
     consts = [nh.from_array(np.array(1.0, np.float32), "one"), nh.from_array(np.array(128, np.uint8), "za")]
-    return layout, _session(gemm, gin, inits + consts, threads), _session(dqmm, din, inits, threads)
+    return layout, graph_session(gemm, gin, inits + consts, threads), graph_session(dqmm, din, inits, threads)
 
 
 def mha_session(layers: int, heads: int, threads: int):
@@ -89,7 +78,7 @@ def mha_session(layers: int, heads: int, threads: int):
     nodes = [h.make_node("MultiHeadAttention", ["q", "k", "v", "", "kpm"], [f"a{i}"], domain="com.microsoft",
                          num_heads=heads) for i in range(layers)]
     inputs = [h.make_tensor_value_info(n, T.FLOAT, None) for n in "qkv"] + [h.make_tensor_value_info("kpm", T.INT32, None)]
-    return _session(nodes, inputs, [], threads)
+    return graph_session(nodes, inputs, [], threads)
 
 
 def main() -> None:

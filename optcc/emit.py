@@ -244,15 +244,23 @@ def emit_onnx(ep: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor],
     return path
 
 
-def load_onnx(path: Path, threads: int | None = None) -> Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]:
+def ort_session(model: Path | bytes, threads: int | None = None, **options):
+    """An onnxruntime CPU session of a model file or serialized model: `threads` intra-op threads and
+    one inter-op thread when given, warnings not logged; other SessionOptions fields by keyword
+    (enable_profiling=True, graph_optimization_level=...)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    for name, value in options.items():
+        setattr(so, name, value)
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), so, providers=["CPUExecutionProvider"])
+
+
+def load_onnx(path: Path, threads: int | None = None) -> Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]:
+    sess = ort_session(path, threads)
     names = [i.name for i in sess.get_inputs()]
 
     def run(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
