@@ -59,7 +59,7 @@ class MLP:
 
 @dataclass
 class Block:
-    index: int
+    index: int  # position among the graph's blocks (0..n-1), whatever the module path says
     path: str
     input: str  # node carrying the residual stream into the block
     output: str  # node carrying it out
@@ -178,7 +178,9 @@ def analyze(gm: fx.GraphModule) -> Structure:
     for idx in indices:
         path = f"{container}.{idx}" if container else str(idx)
         members = [n for n in nodes if path in module_paths(n)]
-        blk = _analyze_block(gm, idx, path, members, linears, order)
+        # Block.index is the position in this graph, not the module's number: after
+        # layer_skip, layers.0, layers.2, layers.3 are blocks 0, 1, 2.
+        blk = _analyze_block(gm, len(blocks), path, members, linears, order)
         if blk is not None:
             blocks.append(blk)
     _map_cache(gm, blocks)
@@ -380,7 +382,10 @@ def _map_cache(gm: fx.GraphModule, blocks: list[Block]) -> None:
         m = _PAST.match(ph.name) if ph.op == "placeholder" else None
         if not m:
             continue
-        reach = _walk([ph], _consumers, lambda n: n.target in SDPA or n.target in SOFTMAX)
+        # Follow the cached values, not reads of their length: a model that derives positions
+        # from past_key_0's length (p = past.shape[2]) reaches every layer's attention that way.
+        values = lambda n: [u for u in n.users if u.target != aten.sym_size.int]
+        reach = _walk([ph], values, lambda n: n.target in SDPA or n.target in SOFTMAX)
         attn = next((by_node[n.name] for n in reach if n.name in by_node), None)
         if attn is not None:
             attn.cache = {**(attn.cache or {}), m.group(1): ph.name, "slot": int(m.group(2))}

@@ -125,6 +125,17 @@ def _layers(gm: fx.GraphModule, ctx: PassContext) -> dict[int, Attention]:
     return dict(sorted(out.items()))
 
 
+def _to_slots(pairs: list[tuple[int, int]], slots: list[int]) -> list[tuple[int, int]]:
+    """Layer positions (0..n-1 among the layers with a cache) -> their cache slot numbers."""
+    n = len(slots)
+    for i, j in pairs:
+        bad = next((x for x in (i, j) if not 0 <= x < n), None)
+        if bad is not None:
+            raise PassError(f"kv_share pair [{i}, {j}]: layer {bad} is out of range or has no cache (layers 0..{n - 1})",
+                            f"use layer indices 0..{n - 1}")
+    return [(slots[i], slots[j]) for i, j in pairs]
+
+
 def _check_pair(attn: dict[int, Attention], io: CacheIO, i: int, j: int) -> None:
     n = len(attn)
     for x in (i, j):
@@ -385,13 +396,17 @@ def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
                         "run kv_share once, before passes that change the cache")
     before = io.kv_bytes()
     stats: dict = {"mode": cfg.mode, "layers": len(attn)}
+    # Layers are counted by position among those left (layer_skip may have removed some); cache
+    # slots keep the original numbers (key_3 stays key_3), so positions are mapped to slots here.
+    slots = list(attn)
     if cfg.mode == "merge":
         n = len(attn)
         first = math.ceil(cfg.start * n - 1e-9)
-        pairs = [(i, i + 1) for i in range(first, n - 1, 2)]
+        pairs = [(slots[i], slots[i + 1]) for i in range(first, n - 1, 2)]
         if not pairs:
-            raise PassError(f"kv_share merge: start {cfg.start} leaves fewer than two of the {n} layers to merge",
-                            f"lower start (at most {(n - 2) / n:.2f} for {n} layers)")
+            hint = (f"lower start (at most {(n - 2) / n:.2f} for {n} layers)" if n > 2 else
+                    f"merge needs 3 or more layers (start > 0 keeps layer 0 apart); use mode: share or remove fewer layers")
+            raise PassError(f"kv_share merge: start {cfg.start} leaves fewer than two of the {n} layers to merge", hint)
         for i, j in pairs:
             _check_pair(attn, io, i, j)
         _merge(gm, io, pairs, cfg.t, cfg.retain)
@@ -405,14 +420,15 @@ def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
             sim = (sims["key"] + sims["value"]) / 2
             stats["similarity"] = {"calibration": source, "batches": len(batches),
                                    **{k: [[round(float(x), 4) for x in row] for row in m] for k, m in sims.items()}}
-        pairs = _plan(cfg, attn, sim)
+        planned = _plan(cfg, attn, sim)
+        pairs = _to_slots(planned, slots)
         for i, j in pairs:
             _check_pair(attn, io, i, j)
         teacher = copy.deepcopy(gm) if cfg.heal else None
         stats["shrunk_fused_qkv"] = _share(gm, io, pairs, attn)
         stats.update({"pairs": [list(p) for p in pairs], "consumers_without_kv_projections": [attn[j].path for _, j in pairs]})
         if sim is not None:
-            stats["pair_similarity"] = [round(float(sim[i, j]), 4) for i, j in pairs]
+            stats["pair_similarity"] = [round(float(sim[i, j]), 4) for i, j in planned]
         after = CacheIO(gm, "kv_share").kv_bytes()
         if cfg.heal:
             batches, source = _prefill_batches(ctx)
