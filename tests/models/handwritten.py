@@ -132,3 +132,9 @@ class TinyDecoder(nn.Module):
 def build_decoder():
     torch.manual_seed(0)
     return TinyDecoder().eval()
+
+
+def build_decoder_deep():
+    """Four layers: enough for layer_skip followed by kv_share merge."""
+    torch.manual_seed(0)
+    return TinyDecoder(depth=4).eval()
