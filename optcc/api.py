@@ -251,11 +251,7 @@ def _apply(recipe: Recipe, recipe_path, source: str, prep: Prepared, out: Path, 
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the output folder should look like any other
     try:
         on_event("stage", name="emit")
-        threads = torch.get_num_threads()
-        with export_mode(cache) if cache else contextlib.nullcontext():
-            artifacts = emit_all(gm, inputs, recipe.emit.formats, recipe.emit.opset, tmp, prep.primary,
-                                 recipe.emit.atol, recipe.model.dynamic, threads,
-                                 decoder_shapes(cache) if cache else None, cache.output_names() if cache else None)
+        artifacts = emit_checked(gm, ctx, records, recipe, tmp)
         if cache:
             (tmp / "decoder.json").write_text(json.dumps(cache.to_dict(), indent=2) + "\n")
         fid_by = {a.format: fidelity(prep.reference[prep.primary], a.runner(inputs)[prep.primary],
@@ -334,6 +330,19 @@ def _apply(recipe: Recipe, recipe_path, source: str, prep: Prepared, out: Path, 
                                f"(tolerance {q['tolerance']:g}{' relative' if q['relative'] else ''}); "
                                f"regressed: {', '.join(r['metric'] for r in regressed)}", f"see {out / 'report.md'}") from None
     return report
+
+
+def emit_checked(gm, ctx: PassContext, records: list[dict], recipe: Recipe, out: Path) -> list:
+    """Write the recipe's artifact formats of the optimized graph into `out`, each re-loaded and
+    checked against the graph on the graph's inputs (decoders: its own cache layout). When a pass
+    that ran rounds values (PassSpec.rounds), the check allows the graph's own quantization error."""
+    cache = ctx.cache
+    rounds = any(r["modified"] and registry.get(r["name"]).rounds for r in records)
+    with export_mode(cache) if cache else contextlib.nullcontext():
+        return emit_all(gm, ctx.inputs, recipe.emit.formats, recipe.emit.opset, out, ctx.primary,
+                        recipe.emit.atol, recipe.model.dynamic, torch.get_num_threads(),
+                        decoder_shapes(cache) if cache else None, cache.output_names() if cache else None,
+                        rounding_reference=ctx.reference if rounds else None)
 
 
 def _read_report(path: str | Path) -> dict:

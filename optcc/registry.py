@@ -33,6 +33,11 @@ class PassSpec:
     run: Callable[..., PassResult]
     summary: str
     lossless: bool  # the manager then requires outputs to match the reference
+    # The graph rounds values to integer codes (quantization). Its artifacts compute the same
+    # codes in another runtime, where float rounding can move a value across a rounding boundary
+    # and flip one code, so emit checks them against the graph's own quantization error rather
+    # than a fixed tolerance (optcc.emit.verify).
+    rounds: bool
     after: tuple[str, ...]  # if present in a recipe, these passes must come earlier
     tasks: tuple[str, ...] | None  # tasks the pass accepts (None = any)
 
@@ -46,6 +51,7 @@ def register(
     *,
     summary: str,
     lossless: bool = False,
+    rounds: bool = False,
     after: tuple[str, ...] = (),
     tasks: tuple[str, ...] | None = None,
 ) -> Callable[[Callable[..., PassResult]], Callable[..., PassResult]]:
@@ -55,7 +61,7 @@ def register(
     def deco(fn: Callable[..., PassResult]) -> Callable[..., PassResult]:
         if name in _REGISTRY:
             raise RuntimeError(f"pass '{name}' registered twice")
-        _REGISTRY[name] = PassSpec(name, config, fn, summary, lossless, tuple(after), tasks)
+        _REGISTRY[name] = PassSpec(name, config, fn, summary, lossless, rounds, tuple(after), tasks)
         return fn
 
     return deco

@@ -44,7 +44,7 @@ def _quantizable(ph: fx.Node) -> bool:
 
 
 @register("kv_quant", Config, summary="int8 KV cache: codes + one scale per cached vector, dequantized where read",
-          after=("layer_skip", "kv_share"), tasks=("text-generation",))
+          rounds=True, after=("layer_skip", "kv_share"), tasks=("text-generation",))
 def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
     io = CacheIO(gm, "kv_quant")
     targets = [name for name, ph in io.past.items() if _quantizable(ph)]
