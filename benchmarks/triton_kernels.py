@@ -1,8 +1,8 @@
 """Micro-benchmark: each Triton kernel in optcc/kernels against its torch reference, on CUDA.
 
-    python benchmarks/kernels.py                      # every workload, Markdown on stdout
-    python benchmarks/kernels.py --only int4 --json   # the same numbers as JSON
-    python benchmarks/kernels.py --min-iters 200 --min-seconds 2
+    python benchmarks/triton_kernels.py                      # every workload, Markdown on stdout
+    python benchmarks/triton_kernels.py --only int4 --json   # the same numbers as JSON
+    python benchmarks/triton_kernels.py --min-iters 200 --min-seconds 2
 
 Workloads (default shapes):
   int4-decode   x fp16 [1, 4096] · int4 W [4096, 4096], group 128 (one token of a 7B-class linear)
@@ -264,7 +264,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.min_iters < 2 or args.warmup < 1:
         ap.error("--min-iters must be >= 2 (percentiles) and --warmup >= 1 (the first call compiles)")
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing timed.",
+        print("benchmarks/triton_kernels.py needs a CUDA GPU (torch.cuda.is_available() is False); nothing timed.",
               file=sys.stderr)
         return 0
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):

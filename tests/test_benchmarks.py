@@ -60,3 +60,34 @@ def test_quantize_floor_graphs_compute_the_int8_linears(monkeypatch):
         codes, scale, zero = quantize_per_tensor_u8(torch.from_numpy(xi))
         ref = ((codes.double() - zero.double()).numpy() @ wq.T) * ws * float(scale)
         np.testing.assert_allclose(yd, ref, rtol=1e-5, atol=1e-4)
+
+
+def _documented_scripts() -> list[str]:
+    """Every `python benchmarks/NAME.py` that README.md or docs/ tell a user to run."""
+    import re
+
+    texts = [(ROOT / "README.md").read_text()] + [p.read_text() for p in (ROOT / "docs").rglob("*.md")]
+    return sorted({m for t in texts for m in re.findall(r"python (benchmarks/[a-z_0-9]+\.py)", t)})
+
+
+def test_no_benchmark_module_shadows_an_installed_package():
+    """`python benchmarks/X.py` puts benchmarks/ first on sys.path: a file there named like an
+    installed top-level package (benchmarks/kernels.py once hid the `kernels` package that
+    transformers imports) breaks every script that loads a model."""
+    names = [p.stem for p in (ROOT / "benchmarks").glob("*.py") if not p.stem.startswith("__")]
+    code = ("import importlib.util, sys; sys.path = [p for p in sys.path if p not in ('', '.')]; "
+            f"print([n for n in {names!r} if importlib.util.find_spec(n) is not None])")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT / "tests", capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "[]", f"benchmarks/ modules that shadow installed packages: {p.stdout.strip()}"
+
+
+def test_documented_benchmark_scripts_start_as_scripts():
+    """`python benchmarks/X.py` puts benchmarks/ first on sys.path, so a file there named like a
+    package that torch or transformers import (benchmarks/kernels.py once shadowed `kernels`)
+    breaks the script before it parses its flags. Each documented script must get to --help."""
+    scripts = _documented_scripts()
+    assert "benchmarks/quantize.py" in scripts and "benchmarks/quantize_floor.py" in scripts
+    for script in scripts:
+        p = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0 and "usage" in p.stdout.lower(), f"{script}: {p.stderr[-2000:]}"
