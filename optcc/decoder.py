@@ -111,8 +111,8 @@ class KVWrapper(torch.nn.Module):
         p, t = past[0].shape[2], input_ids.shape[1]
         cache_position = torch.arange(p, p + t, device=input_ids.device)
         position_ids = cache_position.unsqueeze(0).expand(input_ids.shape[0], -1)
-        out = self._lm(input_ids=input_ids, past_key_values=cache, position_ids=position_ids,
-                         cache_position=cache_position, use_cache=True)
+        out = self._lm(input_ids=input_ids, cache=cache, position_ids=position_ids,
+                       cache_position=cache_position, use_cache=True)
         return (out.logits, *[t for layer in cache.layers for t in (layer.keys, layer.values)])
 
 
@@ -149,7 +149,7 @@ def _probe_past(model: torch.nn.Module, layers: int) -> list[torch.Tensor]:
         _, present = model.forward_with_cache(torch.zeros(1, 1, dtype=torch.long), None)
         return [t[:, :, :0] for kv in present for t in kv]
     out = model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
-    return [t[:, :, :0] for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+    return [t[:, :, :0] for layer in out.cache.layers for t in (layer.keys, layer.values)]
 
 
 def example_inputs(wrapper: KVWrapper, spec: CacheSpec, input_ids: torch.Tensor, past_len: int) -> dict[str, torch.Tensor]:
