@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from optcc.context import PassContext
 from optcc.registry import PassResult, register
@@ -35,8 +36,14 @@ def _is_identity(node: fx.Node, cfg: Config) -> bool:
         src, dst = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else None, node.meta.get("val")
         if not isinstance(src, torch.Tensor) or not isinstance(dst, torch.Tensor):
             return False
-        return src.dtype == dst.dtype and src.device == dst.device and src.shape == dst.shape
+        return src.dtype == dst.dtype and src.device == dst.device and src.shape == dst.shape and _same_strides(src, dst)
     return False
+
+
+def _same_strides(src: torch.Tensor, dst: torch.Tensor) -> bool:
+    """A clone or contiguous() of a transposed tensor changes its memory layout, and a later
+    view may need that (DeBERTa-v2 and SigLIP do): only a copy with the same strides is a no-op."""
+    return all(statically_known_true(a == b) for a, b in zip(src.stride(), dst.stride()))
 
 
 @register("cleanup", Config, summary="remove inference no-ops (eval dropout, identity casts, export asserts)", lossless=True)

@@ -56,6 +56,23 @@ def test_cleanup_is_lossless_and_removes_nodes(vit):
     assert not any(n.target == torch.ops.aten.dropout.default for n in gm.graph.nodes)
 
 
+def test_cleanup_keeps_a_contiguous_copy_that_a_later_view_needs():
+    """clone() / contiguous() of a transposed tensor changes its strides, and the view after it
+    needs them (DeBERTa-v2 and SigLIP do this); a copy of an already contiguous tensor goes."""
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            y = x.transpose(1, 2).contiguous().view(x.shape[0], -1)  # needed
+            return y + x.clone().view(x.shape[0], -1)  # a copy with the same strides: a no-op
+
+    x = torch.randn(2, 3, 4)
+    gm = capture(M(), {"x": x}).module()
+    ctx = PassContext("tensor", {"x": x}, [M()(x)], 0)
+    gm, records = run_passes(gm, (_step("cleanup"),), ctx)
+    assert records[0]["stats"]["removed_by_op"] == {"clone": 1}
+    assert torch.equal(gm(x=x), M()(x))
+
+
 def test_wrong_lossless_pass_is_caught_and_named(vit, temp_pass):
     def scale_output(gm, cfg, ctx):
         out = next(n for n in gm.graph.nodes if n.op == "output")
