@@ -34,14 +34,59 @@ def capture(module: torch.nn.Module, inputs: dict[str, torch.Tensor], dynamic: b
     dynamic export fails. `shapes` overrides the default dynamic dimensions."""
     errors = []
     for dyn in ([shapes or dynamic_shapes(inputs)] if dynamic else []) + [None]:
-        try:
-            with torch.no_grad():
-                return torch.export.export(module, (), dict(inputs), dynamic_shapes=dyn, strict=False)
-        except Exception as e:  # export raises many types; report the first line
-            errors.append(e)
+        for attempt in range(2):
+            try:
+                with torch.no_grad():
+                    return torch.export.export(module, (), dict(inputs), dynamic_shapes=dyn, strict=False)
+            except Exception as e:  # export raises many types; report the first line
+                errors.append(e)
+                dyn = _bounded(dyn, e) if attempt == 0 else None
+                if dyn is None:
+                    break
     e = errors[-1]
     raise ExportError(f"torch.export could not capture the model: {type(e).__name__}: {str(e).splitlines()[0][:300]}",
                       "the model must be traceable by torch.export (no data-dependent Python control flow); see docs/models.md") from e
+
+
+def _bounded(shapes: dict | None, error: Exception) -> dict | None:
+    """The same dynamic shapes with the upper bounds export found the model needs, or None.
+    A model can bound a dimension itself: Mistral's sliding-window mask takes another branch
+    once the cache outgrows the window, so export asks for `past = Dim('past', max=4092)`.
+    The graph then holds caches up to that length (the artifact's range_constraints say so)."""
+    import re
+
+    bounds = {name: int(hi) for _, name, hi in re.findall(r"(\w+) = Dim\('(\w+)', max=(\d+)\)", str(error))}
+    if not shapes or not bounds:
+        return None
+
+    def fix(d):
+        if isinstance(d, dict):
+            return {k: fix(v) for k, v in d.items()}
+        name = getattr(d, "__name__", None)
+        if name in bounds:
+            return torch.export.Dim(name, min=getattr(d, "min", 0), max=bounds[name])
+        return d
+
+    return {k: fix(v) for k, v in shapes.items()}
+
+
+def load_exported(path) -> torch.export.ExportedProgram:
+    """torch.export.load, raising ValueError with torch's real reason in one line. torch logs
+    the reason with a traceback and then raises a vague error: keep the reason, keep the
+    traceback off the terminal."""
+    import logging
+
+    log, seen = logging.getLogger("torch.export"), []
+    handler = logging.Handler()
+    handler.emit = lambda r: seen.append(str(r.exc_info[1]) if r.exc_info else r.getMessage())
+    handlers, propagate = log.handlers[:], log.propagate
+    log.handlers, log.propagate = [handler], False
+    try:
+        return torch.export.load(str(path))
+    except Exception as e:  # torch raises several types here; the logged reason is what matters
+        raise ValueError((seen[0] if seen else str(e)).split("  (Could this")[0].splitlines()[0][:200]) from e
+    finally:
+        log.handlers, log.propagate = handlers, propagate
 
 
 def flat_outputs(out: Any) -> list[torch.Tensor]:

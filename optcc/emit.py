@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from optcc import kvmath
-from optcc.capture import capture, flat_outputs
+from optcc.capture import capture, flat_outputs, load_exported
 from optcc.errors import ExportError
 from optcc.metrics import fidelity
 
@@ -137,7 +137,11 @@ def _pin_serialization_id(path: Path) -> None:
 
 
 def load_torch(path: Path) -> Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]:
-    module = torch.export.load(str(path)).module()
+    try:
+        module = load_exported(path).module()
+    except ValueError as e:
+        raise ExportError(f"{path.name} was saved, but torch.export.load cannot read it back ({e})",
+                          "a torch limitation for this graph; use emit.formats: [onnx]") from e
 
     def run(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         with torch.no_grad():

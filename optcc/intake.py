@@ -19,6 +19,7 @@ from typing import Any, Optional
 import torch
 
 from optcc import builtins
+from optcc.capture import load_exported
 from optcc.errors import IntakeError
 from optcc.recipe import TASKS, Inputs
 
@@ -114,12 +115,12 @@ def _infer_task(config: dict) -> Optional[str]:
     arch = (config.get("architectures") or [""])[0]
     if arch.endswith(("ForCausalLM", "LMHeadModel")):
         return "text-generation"
-    if arch.endswith("ForImageClassification"):
+    if "ForImageClassification" in arch:  # also DeiT's ...ForImageClassificationWithTeacher
         return "image-classification"
     if arch.endswith("ForSequenceClassification"):
         return "text-classification"
-    if arch.endswith("Model") and "vocab_size" in config:
-        return "feature-extraction"
+    if arch.endswith("Model") and ("vocab_size" in config or "image_size" in config):
+        return "feature-extraction"  # a bare encoder: text, or a vision tower (pixels in, patch embeddings out)
     return None
 
 
@@ -151,7 +152,14 @@ def _load_hf_folder(folder: Path, task: Optional[str], source: str) -> LoadedMod
     auto = getattr(transformers, _AUTO[task])
     transformers.utils.logging.disable_progress_bar()  # progress belongs to optcc's own display
     try:
-        module = auto.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="sdpa", use_safetensors=True)
+        try:
+            module = auto.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="sdpa", use_safetensors=True)
+        except ValueError as e:
+            if "attention implementation" not in str(e):
+                raise
+            # The class has no SDPA attention (DeBERTa-v2, MPNet, Gemma2): load the attention it has;
+            # the structure analysis finds it from its matmul + softmax.
+            module = auto.from_pretrained(str(folder), dtype=torch.float32, attn_implementation="eager", use_safetensors=True)
     except Exception as e:  # transformers raises many types; the message is what matters
         raise IntakeError(f"{folder}: transformers could not load it as {task}: {str(e).splitlines()[0]}",
                           "check --task and that the folder was written by save_pretrained") from e
@@ -172,26 +180,15 @@ def _check_safetensors(path: Path) -> None:
 
 
 def _load_pt2(path: Path, task: Optional[str], source: str) -> LoadedModel:
-    import logging
     import zipfile
 
     if not zipfile.is_zipfile(path):
         raise IntakeError(f"{path}: not a torch.export archive (not a zip file)", "save it with torch.export.save(ep, 'model.pt2')")
-    # torch.export.load logs the real reason with a traceback, then raises a vague error: keep the
-    # reason for a one-line message and keep the traceback off the terminal.
-    log, seen = logging.getLogger("torch.export"), []
-    handler = logging.Handler()
-    handler.emit = lambda r: seen.append(str(r.exc_info[1]) if r.exc_info else r.getMessage())
-    handlers, propagate = log.handlers[:], log.propagate
-    log.handlers, log.propagate = [handler], False
     try:
-        ep = torch.export.load(str(path))
-    except Exception as e:
-        why = (seen[0] if seen else str(e)).split("  (Could this")[0].splitlines()[0][:200]
-        raise IntakeError(f"{path}: not a readable torch.export archive ({why})",
+        ep = load_exported(path)
+    except ValueError as e:
+        raise IntakeError(f"{path}: not a readable torch.export archive ({e})",
                           "save it with torch.export.save(ep, 'model.pt2')") from e
-    finally:
-        log.handlers, log.propagate = handlers, propagate
     if task is None:
         raise IntakeError(f"{path}: a .pt2 file does not record its task", f"pass --task (one of {', '.join(TASKS)})")
     example = getattr(ep, "example_inputs", None)
@@ -290,7 +287,7 @@ def make_inputs(lm: LoadedModel, inputs: Inputs, seed: int = 0) -> dict[str, tor
     g = torch.Generator().manual_seed(seed)
     names = lm.param_names
     cfg = lm.config
-    if lm.task == "image-classification":
+    if lm.task == "image-classification" or ("pixel_values" in names and "input_ids" not in names):
         size = inputs.image_size or cfg.get("image_size") or 224
         channels = cfg.get("num_channels", 3)
         key = "pixel_values" if "pixel_values" in names or not names else names[0]

@@ -12,6 +12,8 @@ from typing import Iterable, Optional
 import torch
 import torch.fx as fx
 
+from optcc.errors import PassError
+
 aten = torch.ops.aten
 SDPA = {aten.scaled_dot_product_attention.default}
 SOFTMAX = {aten._softmax.default, aten.softmax.int}
@@ -47,6 +49,7 @@ class Attention:
     num_kv_heads: Optional[int] = None
     head_dim: Optional[int] = None
     cache: Optional[dict] = None  # decoder graphs: {"key": past input, "value": past input, "slot": cache index}
+    reads_kv: list[str] = field(default_factory=list)  # nodes taking K and V: the sdpa, or q·kᵀ and probs·v
 
 
 @dataclass
@@ -69,6 +72,7 @@ class Block:
     mlp_residual: Optional[str]  # the add that closes the MLP sublayer
     norms: list[str]
     norm_position: str  # "pre" | "post" | "unknown"
+    calls: int = 1  # times the block's module runs: > 1 when layers share weights (ALBERT)
 
 
 @dataclass
@@ -90,6 +94,15 @@ class Structure:
 
     def block_of(self, path: str) -> Optional[Block]:
         return next((b for b in self.blocks if path == b.path or path.startswith(b.path + ".")), None)
+
+    def refuse_shared_blocks(self, what: str) -> None:
+        """Raise PassError when a block module runs more than once with the same weights:
+        the analysis sees modules, so the N calls of ALBERT's one layer look like one block."""
+        shared = next((b for b in self.blocks if b.calls > 1), None)
+        if shared is not None:
+            raise PassError(f"{shared.path} runs {shared.calls} times with shared weights (ALBERT-style), and {what} "
+                            "needs one module per block", "quantize works on this model; for this pass, use a model "
+                            "whose layers are separate modules")
 
 
 def module_path(node: fx.Node) -> str:
@@ -182,6 +195,7 @@ def analyze(gm: fx.GraphModule) -> Structure:
         # layer_skip, layers.0, layers.2, layers.3 are blocks 0, 1, 2.
         blk = _analyze_block(gm, len(blocks), path, members, linears, order)
         if blk is not None:
+            blk.calls = _calls(members, path)
             blocks.append(blk)
     _map_cache(gm, blocks)
     embeddings, final_norms, head = _outside(nodes, blocks, linears, order, gm)
@@ -261,6 +275,13 @@ def _analyze_block(gm, idx, path, members, linears, order) -> Optional[Block]:
     return Block(idx, path, inp.name, output.name, attention, mlp, attn_res, mlp_res, norms, norm_position)
 
 
+def _calls(members: list[fx.Node], path: str) -> int:
+    """How many times the module at `path` runs: export keys each call's stack entry, the
+    second and later ones with an @N suffix."""
+    keys = {k for n in members for k, v in (n.meta.get("nn_module_stack") or {}).items() if v[0] == path}
+    return max(1, len(keys))
+
+
 def _is_norm_module(n: fx.Node) -> bool:
     classes = module_classes(n)
     return bool(classes) and "norm" in classes[-1].lower()
@@ -326,6 +347,7 @@ def _find_attention(gm, members, member_set, linears, order) -> Optional[Attenti
         node = sdpa[0]
         q_in, k_in, v_in = node.args[:3]
         kind = "sdpa"
+        reads_kv = [node.name]
     else:
         soft = [n for n in members if n.target in SOFTMAX]
         if not soft:
@@ -341,6 +363,7 @@ def _find_attention(gm, members, member_set, linears, order) -> Optional[Attenti
         q_in, k_in = mm[0].args[:2]
         v_in = pv[0].args[1]
         kind = "softmax"
+        reads_kv = [mm[0].name, pv[0].name]
 
     def source_linear(x) -> tuple[Optional[Linear], list[fx.Node]]:
         path = _walk([x], _producers, lambda n: n in linears or n not in member_set)
@@ -368,7 +391,7 @@ def _find_attention(gm, members, member_set, linears, order) -> Optional[Attenti
         is_causal = node.kwargs.get("is_causal", node.args[5] if len(node.args) > 5 else False)
         causal = True if is_causal else None
     return Attention(path, kind, node.name, q and q.path, k and k.path, v and v.path, o and o.path, fused,
-                     rotary, causal, num_heads, num_kv, head_dim)
+                     rotary, causal, num_heads, num_kv, head_dim, reads_kv=reads_kv)
 
 
 _PAST = re.compile(r"^past_(key|value)_(\d+)$")
@@ -377,7 +400,8 @@ _PAST = re.compile(r"^past_(key|value)_(\d+)$")
 def _map_cache(gm: fx.GraphModule, blocks: list[Block]) -> None:
     """Attach explicit KV-cache inputs (past_key_i / past_value_i, see optcc/decoder.py) to
     the attention that reads them; the matching outputs are present_key_i / present_value_i."""
-    by_node = {b.attention.node: b.attention for b in blocks if b.attention}
+    # An explicit-softmax attention reads V after its softmax (probs·v): stop at the nodes that read K and V.
+    by_node = {name: b.attention for b in blocks if b.attention for name in b.attention.reads_kv}
     for ph in gm.graph.nodes:
         m = _PAST.match(ph.name) if ph.op == "placeholder" else None
         if not m:
@@ -385,7 +409,7 @@ def _map_cache(gm: fx.GraphModule, blocks: list[Block]) -> None:
         # Follow the cached values, not reads of their length: a model that derives positions
         # from past_key_0's length (p = past.shape[2]) reaches every layer's attention that way.
         values = lambda n: [u for u in n.users if u.target != aten.sym_size.int]
-        reach = _walk([ph], values, lambda n: n.target in SDPA or n.target in SOFTMAX)
+        reach = _walk([ph], values, lambda n: n.name in by_node)
         attn = next((by_node[n.name] for n in reach if n.name in by_node), None)
         if attn is not None:
             attn.cache = {**(attn.cache or {}), m.group(1): ph.name, "slot": int(m.group(2))}

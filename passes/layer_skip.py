@@ -325,6 +325,7 @@ def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
     if not s.blocks:
         raise PassError("layer_skip found no transformer blocks in this model" + (f" ({s.notes[0]})" if s.notes else ""),
                         "it needs a module list of repeated blocks (e.g. layers.0, layers.1, ...); see `optcc inspect`")
+    s.refuse_shared_blocks("layer_skip")
     n_blocks = len(s.blocks)
     keep = set(_resolve(cfg.keep, n_blocks, "keep"))
     cuts = candidates(gm, s, cfg.granularity)

@@ -229,17 +229,21 @@ def _refuse(s: Structure, ctx: PassContext) -> None:
                         "use it on encoders (ViT/DeiT, BERT-family); for decoders see kv_share or layer_skip")
     if not s.blocks:
         raise PassError("no transformer blocks found in the graph", "token merging needs a stack of attention blocks")
+    s.refuse_shared_blocks("token merging")
     for b in s.blocks:
         a = b.attention
         if a is None or b.mlp is None or b.attn_residual is None:
             what = "attention" if a is None else ("MLP" if b.mlp is None else "attention residual add")
             raise PassError(f"block {b.path}: the analysis cannot see its {what}", "token merging needs attention, residual add and MLP in every block")
         if a.kind != "sdpa":
-            raise PassError(f"block {b.path}: attention is an explicit softmax, not scaled_dot_product_attention",
-                            "load the model with attn_implementation='sdpa' or write it with F.scaled_dot_product_attention")
+            raise PassError(f"block {b.path}: attention is an explicit matmul + softmax, not scaled_dot_product_attention "
+                            "(token merging passes its size bias and merged padding mask through sdpa's attn_mask)",
+                            "use a model class with SDPA attention or write it with F.scaled_dot_product_attention; "
+                            "layer_skip and quantize work on this model as it is")
         if a.causal or a.rotary:
             raise PassError(f"block {b.path}: attention is {'causal' if a.causal else 'rotary'}",
-                            "token merging works on bidirectional encoders without rotary positions")
+                            "token merging works on bidirectional encoders without rotary positions; "
+                            "layer_skip and quantize work on this model")
 
 
 def _sdpa_mask(sdpa: fx.Node) -> Optional[fx.Node]:
