@@ -149,3 +149,23 @@ def test_quantized_artifact_check_allows_rounding_flips_and_catches_real_errors(
     wrong_scale = lambda inputs: [t * 1.1 for t in run_flipped(inputs)]  # e.g. a weight scale off by 10%
     with pytest.raises(ExportError, match="the graph's own quantization error"):
         verify(wrong_scale, ctx.inputs, expected, 0, "model.onnx", 1e-3, noise=noise)
+
+
+def test_int8_codes_may_move_by_the_graphs_relative_quantization_error():
+    """An int8 KV cache's codes (127 = a vector's max) move when an upstream int8 linear flips a
+    code: after a rounding pass they may differ by the graph's relative error in codes, not one."""
+    import pytest
+
+    from optcc.emit import verify
+    from optcc.errors import ExportError
+
+    logits = torch.linspace(-10, 10, 40).reshape(2, 20)
+    codes = torch.arange(-60, 60, dtype=torch.int8).reshape(2, 60)
+    moved = (codes.to(torch.int32) + 3).clamp(-127, 127).to(torch.int8)  # 3 codes off
+    run = lambda inputs: [logits, moved]
+    with pytest.raises(ExportError, match="by 3 codes"):
+        verify(run, {}, [logits, codes], 0, "model.onnx", 1e-3)
+    check = verify(run, {}, [logits, codes], 0, "model.onnx", 1e-3, noise=[0.3, None])  # 3% of |logits| = 10
+    assert check["code_diff"] == 3 and check["allowed_code_diff"] == 4
+    with pytest.raises(ExportError, match="by 3 codes"):
+        verify(run, {}, [logits, codes], 0, "model.onnx", 1e-3, noise=[0.1, None])  # 1%: 2 codes
