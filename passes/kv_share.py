@@ -137,11 +137,7 @@ def _to_slots(pairs: list[tuple[int, int]], slots: list[int]) -> list[tuple[int,
 
 
 def _check_pair(attn: dict[int, Attention], io: CacheIO, i: int, j: int) -> None:
-    n = len(attn)
-    for x in (i, j):
-        if x not in attn:
-            raise PassError(f"kv_share pair [{i}, {j}]: layer {x} is out of range or has no cache (layers 0..{n - 1})",
-                            f"use layer indices 0..{n - 1}")
+    """Slots i and j (see _to_slots) must agree on what a shared or merged cache holds."""
     a, b = attn[i], attn[j]
     ka, kb = (io.present[f"key_{x}"].meta.get("val") for x in (i, j))
     mismatch = [(what, x, y) for what, x, y in (("kv heads", a.num_kv_heads, b.num_kv_heads), ("head dim", a.head_dim, b.head_dim),
@@ -405,7 +401,7 @@ def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
         pairs = [(slots[i], slots[i + 1]) for i in range(first, n - 1, 2)]
         if not pairs:
             hint = (f"lower start (at most {(n - 2) / n:.2f} for {n} layers)" if n > 2 else
-                    f"merge needs 3 or more layers (start > 0 keeps layer 0 apart); use mode: share or remove fewer layers")
+                    "merge needs 3 or more layers (start > 0 keeps layer 0 apart); use mode: share or remove fewer layers")
             raise PassError(f"kv_share merge: start {cfg.start} leaves fewer than two of the {n} layers to merge", hint)
         for i, j in pairs:
             _check_pair(attn, io, i, j)
