@@ -11,7 +11,6 @@ import itertools
 from functools import lru_cache
 
 import pytest
-import torch
 
 from conftest import HANDWRITTEN, captured_decoder, pass_context
 from optcc import registry
@@ -21,7 +20,7 @@ from optcc.decoder import no_guard_module
 from optcc.manager import run_passes
 from optcc.recipe import parse_recipe
 
-# One setting per pass, small enough for tiny models; the decoders' kv_share runs in both modes.
+# One setting per pass, small enough for tiny models.
 ENCODER = {
     "layer_skip": "{drop: 1}",
     "token_merge": "{r: 1}",
