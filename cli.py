@@ -56,8 +56,8 @@ def apply(
 ) -> None:
     """Run a recipe on a model: passes → verified artifacts → report."""
     from optcc.api import apply as run_apply
-    from optcc.render import console, report_tables
-    from optcc.progress import Progress
+    from optcc.report.terminal import console, report_tables
+    from optcc.report.progress import Progress
 
     def go() -> None:
         err = console(stderr=True)
@@ -74,7 +74,7 @@ def apply(
 
 
 def _show(report: dict, as_json: bool, out: Path) -> None:
-    from optcc.render import console, report_tables
+    from optcc.report.terminal import console, report_tables
 
     if as_json:  # exactly the report.json that was written (artifact paths relative to the folder)
         typer.echo((out / "report.json").read_text().rstrip("\n"))
@@ -98,8 +98,8 @@ def diff(
     debug: bool = typer.Option(False, help="show tracebacks"),
 ) -> None:
     """Show what each pass changed: per block, totals, and a speed/fidelity waterfall; or compare runs."""
-    from optcc import diffview
-    from optcc.render import console
+    from optcc.report import diff as diffview
+    from optcc.report.terminal import console
 
     def go() -> None:
         report = diffview.load_run(out)
@@ -141,8 +141,8 @@ def inspect(
 ) -> None:
     """Show the structure optcc sees: blocks, attention, MLP, norms, head."""
     from optcc.api import inspect_model
-    from optcc.recipe import load_recipe
-    from optcc.render import console, structure_tree
+    from optcc.config.recipe import load_recipe
+    from optcc.report.terminal import console, structure_tree
 
     def go() -> None:
         rec = load_recipe(recipe) if recipe else None
@@ -189,7 +189,7 @@ def run(
 def passes_cmd(as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
     """List the available passes with their parameters and defaults."""
     from optcc.api import list_passes
-    from optcc.render import console, passes_table
+    from optcc.report.terminal import console, passes_table
 
     ps = list_passes()
     if as_json:
@@ -205,7 +205,7 @@ def validate(
     debug: bool = typer.Option(False, help="show tracebacks"),
 ) -> None:
     """Check a recipe without running it; print the fully resolved form."""
-    from optcc.recipe import load_recipe
+    from optcc.config.recipe import load_recipe
 
     def go() -> None:
         r = load_recipe(recipe)
@@ -220,7 +220,7 @@ def validate(
 @app.command()
 def schema() -> None:
     """Print the recipe's JSON Schema."""
-    from optcc.recipe import recipe_json_schema
+    from optcc.config.recipe import recipe_json_schema
 
     typer.echo(json.dumps(recipe_json_schema(), indent=2))
 

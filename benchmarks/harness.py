@@ -1,7 +1,7 @@
 """Contenders and measurement shared by the workloads.
 
 A contender is a name plus a zero-argument callable over fixed inputs; all of a
-workload's contenders are timed together by optcc.bench.measure (round-robin,
+workload's contenders are timed together by optcc.measure.latency.measure (round-robin,
 same inputs and threads, warm-up discarded, iteration and time floors).
 """
 from __future__ import annotations
@@ -17,9 +17,9 @@ from typing import Callable, Optional
 
 import torch
 
-from optcc.bench import measure
-from optcc.capture import flat_outputs
-from optcc.stats import flops
+from optcc.measure.latency import measure
+from optcc.graph.capture import flat_outputs
+from optcc.graph.stats import flops
 
 
 @dataclass
@@ -91,7 +91,7 @@ def torch_dynamic_int8(model: torch.nn.Module) -> Optional[Callable[[dict], list
 def plain_onnx(model: torch.nn.Module, inputs: dict, folder: Path, quantize: bool, threads: int):
     """What a user gets without optcc: torch.onnx.export (dynamo) of the eager model, optionally
     through onnxruntime.quantization.quantize_dynamic (the path Optimum's ORTQuantizer takes)."""
-    from optcc.emit import load_onnx
+    from optcc.export.emit import load_onnx
 
     path = folder / "plain.onnx"
     if not path.exists():
@@ -116,7 +116,7 @@ def optcc_artifacts(recipe: Path, model: Optional[str], folder: Path, threads: i
     import yaml
 
     from optcc.api import apply
-    from optcc.emit import load_onnx, load_torch
+    from optcc.export.emit import load_onnx, load_torch
 
     data = yaml.safe_load(recipe.read_text())
     data["bench"] = {"enabled": False}
@@ -135,7 +135,7 @@ def optcc_artifacts(recipe: Path, model: Optional[str], folder: Path, threads: i
             runners[a["format"]] = load_onnx(p, threads) if a["format"] == "onnx" else load_torch(p)
         except Exception as e:  # one artifact that does not load must not take the workload down
             print(f"  optcc {recipe.stem}: {p.name} does not load in this process, left out: {type(e).__name__}: {str(e)[:160]}")
-    from optcc.decoder import CacheSpec
+    from optcc.intake.decoder import CacheSpec
 
     meta = out / "decoder.json"  # decoders: the artifacts' own cache layout (a pass may have changed it)
     cache = CacheSpec.read(meta) if meta.exists() else None
@@ -159,7 +159,7 @@ def graph_session(nodes: list, inputs: list, inits: list, threads: int):
     graph output. For kernel micro-benchmarks."""
     from onnx import TensorProto, helper
 
-    from optcc.emit import ort_session
+    from optcc.export.emit import ort_session
 
     outs = [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, None) for n in nodes]
     model = helper.make_model(helper.make_graph(nodes, "bench", inputs, outs, inits),

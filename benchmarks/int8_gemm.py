@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.harness import graph_session  # noqa: E402
-from optcc.bench import measure  # noqa: E402
+from optcc.measure.latency import measure  # noqa: E402
 
 
 def _ort(nodes, inits, in_type, threads):

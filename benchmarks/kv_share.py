@@ -29,9 +29,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.harness import held_out_windows  # noqa: E402
 from optcc.api import apply  # noqa: E402
-from optcc.decoder import CacheSpec, no_guard_module  # noqa: E402
-from optcc.emit import load_onnx  # noqa: E402
-from optcc.genbench import streamed_perplexity  # noqa: E402
+from optcc.intake.decoder import CacheSpec, no_guard_module  # noqa: E402
+from optcc.export.emit import load_onnx  # noqa: E402
+from optcc.measure.generation import streamed_perplexity  # noqa: E402
 
 SEQ = 128  # bytes per evaluation window
 WINDOWS = 32  # evaluation windows (4,096 predicted bytes)

@@ -27,13 +27,13 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from optcc import registry  # noqa: E402
+from optcc.pipeline import registry  # noqa: E402
 from optcc.api import prepare  # noqa: E402
-from optcc.capture import capture, flat_outputs  # noqa: E402
-from optcc.context import PassContext  # noqa: E402
-from optcc.decoder import dynamic_shapes as decoder_shapes, no_guard_module  # noqa: E402
-from optcc.manager import run_passes  # noqa: E402
-from optcc.recipe import PassStep, parse_recipe  # noqa: E402
+from optcc.graph.capture import capture, flat_outputs  # noqa: E402
+from optcc.pipeline.context import PassContext  # noqa: E402
+from optcc.intake.decoder import dynamic_shapes as decoder_shapes, no_guard_module  # noqa: E402
+from optcc.pipeline.manager import run_passes  # noqa: E402
+from optcc.config.recipe import PassStep, parse_recipe  # noqa: E402
 from optcc.zoo import data as zoo  # noqa: E402
 
 Config = registry.get("layer_skip").config

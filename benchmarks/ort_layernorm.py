@@ -2,10 +2,10 @@
 
     python benchmarks/ort_layernorm.py [--threads 2] [--rows 1024] [--hidden 384]
 
-Why optcc's emit runs residual LayerNorms on a 2-D view (optcc.emit.flatten_residual_layernorms):
+Why optcc's emit runs residual LayerNorms on a 2-D view (optcc.export.emit.flatten_residual_layernorms):
 onnxruntime fuses Add + bias Add + LayerNormalization over 3-D tensors into com.microsoft
 SkipLayerNormalization, and on the CPU that kernel is slower than the ops it replaces.
-Three one-op graphs on the same inputs, graph optimizations off, timed with optcc.bench.measure:
+Three one-op graphs on the same inputs, graph optimizations off, timed with optcc.measure.latency.measure:
   fused      SkipLayerNormalization(x, skip, gamma, beta, bias)
   unfused    Add(x, bias) → Add(·, skip) → LayerNormalization, on [batch, seq, hidden]
   optcc      the same unfused ops with the LayerNormalization on a [-1, hidden] Reshape
@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
-from optcc.bench import measure  # noqa: E402
-from optcc.emit import ort_session  # noqa: E402
+from optcc.measure.latency import measure  # noqa: E402
+from optcc.export.emit import ort_session  # noqa: E402
 
 
 def session(kind: str, shape: tuple[int, int, int], threads: int, params: dict[str, np.ndarray]):

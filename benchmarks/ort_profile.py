@@ -19,7 +19,7 @@ import numpy as np
 
 
 def profile(path: Path, batch: int, seq: int, threads: int, calls: int = 10) -> dict[str, float]:
-    from optcc.emit import ort_session
+    from optcc.export.emit import ort_session
 
     sess = ort_session(path, threads, enable_profiling=True,
                        profile_file_prefix=str(Path(tempfile.mkdtemp(prefix="ort-prof-")) / "p"))

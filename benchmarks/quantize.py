@@ -2,7 +2,7 @@
 
     python benchmarks/quantize.py [--threads 2] [--batch 8] [--seq 128] [--min-seconds 5]
 
-Contenders, timed interleaved in short turns in one process (optcc.bench.measure) on
+Contenders, timed interleaved in short turns in one process (optcc.measure.latency.measure) on
 one batch of real text (sentences from optcc/zoo/sentences.jsonl joined until each
 row holds `seq` tokens):
   a  torch fp32 eager
@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from optcc.bench import measure  # noqa: E402
+from optcc.measure.latency import measure  # noqa: E402
 
 RECIPE = """version: 1
 model: {{source: builtin:minilm, inputs: {{batch: 2, seq_len: 32}}}}
@@ -77,7 +77,7 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 def ort_runner(path: Path, threads: int):
     """The model's first output for a dict of torch inputs."""
-    from optcc.emit import load_onnx
+    from optcc.export.emit import load_onnx
 
     run = load_onnx(path, threads)
     return lambda inp: run(inp)[0]
@@ -104,7 +104,7 @@ def main() -> int:
     warnings.simplefilter("ignore")
 
     import optcc
-    from optcc.intake import load_model
+    from optcc.intake.load import load_model
     from transformers import AutoTokenizer
 
     lm = load_model("builtin:minilm", None, None)

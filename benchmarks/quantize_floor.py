@@ -7,12 +7,12 @@ attention, norms, GELU and the embeddings stay. So the time of the model's GEMMs
 each on the fastest exact int8 kernel onnxruntime has on this CPU, bounds the whole
 int8 model's speedup from above: eager_fp32 / int8_gemms_alone.
 
-Timed interleaved (optcc.bench.measure), one process, on the real all-MiniLM-L6-v2:
+Timed interleaved (optcc.measure.latency.measure), one process, on the real all-MiniLM-L6-v2:
   eager      the whole model in torch fp32 eager (the issue's contender a)
   fp32 lin   its nn.Linear layers alone in torch fp32 (F.linear, each on its own input)
   ort gemm   the same layers as onnxruntime MatMulIntegerToFloat on uint8 activations
              that are already quantized (the integer GEMM and its scaling, nothing else),
-             weights as optcc lays them out on this CPU (qops.onnx_int8_layout)
+             weights as optcc lays them out on this CPU (quantized.onnx_int8_layout)
   ort dqmm   the same layers as com.microsoft.DynamicQuantizeMatMul (activations
              quantized per call, what activations: per-tensor emits)
   torch.ao   the same layers as torch.ao dynamic int8 linears (fbgemm; activations quantized
@@ -40,16 +40,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.harness import graph_session  # noqa: E402
-from optcc.bench import measure  # noqa: E402
+from optcc.measure.latency import measure  # noqa: E402
 
 
 def int8_sessions(weights: list[np.ndarray], threads: int):
     """Two onnxruntime graphs over every [out, in] weight: pre-quantized GEMMs, and DynamicQuantizeMatMul."""
     from onnx import TensorProto as T, helper as h, numpy_helper as nh
 
-    from optcc import qops
+    from optcc.ops import quantized
 
-    layout, qmax = qops.onnx_int8_layout(), qops.int8_weight_qmax()
+    layout, qmax = quantized.onnx_int8_layout(), quantized.int8_weight_qmax()
     gemm, dqmm, gin, din, inits = [], [], [], [], []
     for i, w in enumerate(weights):
         ws = np.maximum(np.abs(w).max(1), 1e-8) / qmax

@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 
 from benchmarks import harness as H
-from optcc.environment import environment
+from optcc.measure.environment import environment
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -28,7 +28,7 @@ DEFAULT_RECIPES = ",".join([
 
 
 def _sentence_batches(lm, batch: int, seq: int, limit: int):
-    from optcc.data import SENTENCES, _sentence_batches
+    from optcc.intake.data import SENTENCES, _sentence_batches
 
     ex = {"input_ids": torch.zeros(batch, seq, dtype=torch.long), "attention_mask": torch.ones(batch, seq, dtype=torch.long)}
     if "token_type_ids" in lm.param_names:
@@ -37,15 +37,15 @@ def _sentence_batches(lm, batch: int, seq: int, limit: int):
 
 
 def _embed(run, ds) -> torch.Tensor:
-    from optcc.metrics import mean_pool
+    from optcc.measure.metrics import mean_pool
 
     return torch.cat([mean_pool(run(b)[0].float(), b["attention_mask"]) for b in ds.batches])
 
 
 def w1(quick: bool, threads: int, work: Path, recipes: list[Path]) -> list[dict]:
     """Sentence embeddings with the real all-MiniLM-L6-v2."""
-    from optcc.intake import load_model
-    from optcc.metrics import neighbour_agreement
+    from optcc.intake.load import load_model
+    from optcc.measure.metrics import neighbour_agreement
 
     try:
         lm = load_model("builtin:minilm")
@@ -71,8 +71,8 @@ def w1(quick: bool, threads: int, work: Path, recipes: list[Path]) -> list[dict]
 
 def w2(quick: bool, threads: int, work: Path, recipes: list[Path]) -> list[dict]:
     """Image classification: ViT-B/16 @224 (random weights, speed) and the reference ViT (accuracy)."""
-    from optcc.intake import load_model, make_inputs
-    from optcc.recipe import Inputs
+    from optcc.intake.load import load_model, make_inputs
+    from optcc.config.recipe import Inputs
 
     rows = []
     for source, batch, label in ([("builtin:tiny-vit", 2, "tiny ViT (quick)")] if quick else
@@ -104,10 +104,10 @@ def _plain_decoder(source: str, folder: Path, threads: int):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from optcc.api import prepare
-    from optcc.capture import capture, flat_outputs
-    from optcc.decoder import dynamic_shapes
-    from optcc.emit import emit_all, load_onnx
-    from optcc.recipe import parse_recipe
+    from optcc.graph.capture import capture, flat_outputs
+    from optcc.intake.decoder import dynamic_shapes
+    from optcc.export.emit import emit_all, load_onnx
+    from optcc.config.recipe import parse_recipe
 
     # batch 2: export specializes a batch dimension of 1 (the quality windows are a batch)
     prep = prepare(source, None, None, parse_recipe("version: 1\nmodel: {inputs: {batch: 2, seq_len: 16}}\n"))
@@ -142,8 +142,8 @@ def w3(quick: bool, threads: int, work: Path, recipes: list[Path]) -> list[dict]
     """Generation. Speed: Llama-style ~100M config (random weights), prompt 512, 128 new
     tokens. Quality: the reference LM (trained byte-llama), perplexity per byte with the
     held-out text fed one byte per call through each contender's own cache."""
-    from optcc.decoder import no_guard_module
-    from optcc.genbench import bench_generation, prompt_ids, streamed_perplexity
+    from optcc.intake.decoder import no_guard_module
+    from optcc.measure.generation import bench_generation, prompt_ids, streamed_perplexity
 
     source = "builtin:tiny-llama" if quick else "builtin:llama-100m"
     prompt_len, new = (8, 4) if quick else (512, 128)

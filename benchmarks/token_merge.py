@@ -38,12 +38,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from optcc.api import prepare  # noqa: E402
-from optcc.bench import measure  # noqa: E402
-from optcc.capture import capture, flat_outputs  # noqa: E402
-from optcc.context import PassContext  # noqa: E402
-from optcc.emit import emit_all, emit_onnx, export_program, load_onnx, load_torch  # noqa: E402
-from optcc.manager import run_passes  # noqa: E402
-from optcc.recipe import parse_recipe  # noqa: E402
+from optcc.measure.latency import measure  # noqa: E402
+from optcc.graph.capture import capture, flat_outputs  # noqa: E402
+from optcc.pipeline.context import PassContext  # noqa: E402
+from optcc.export.emit import emit_all, emit_onnx, export_program, load_onnx, load_torch  # noqa: E402
+from optcc.pipeline.manager import run_passes  # noqa: E402
+from optcc.config.recipe import parse_recipe  # noqa: E402
 from optcc.zoo import data as zoo  # noqa: E402
 
 THREADS = 2
@@ -151,8 +151,8 @@ def minilm(rs: list[int], seqs: list[int], iters: int) -> None:
     from benchmarks import harness as H
     from benchmarks.quantize import sentences, timing_batch
     from benchmarks.suite import _embed, _sentence_batches
-    from optcc.intake import load_model
-    from optcc.metrics import mean_pool, neighbour_agreement
+    from optcc.intake.load import load_model
+    from optcc.measure.metrics import mean_pool, neighbour_agreement
 
     lm = load_model("builtin:minilm")
     tok = AutoTokenizer.from_pretrained(get_model_path())

@@ -1,4 +1,4 @@
-"""Micro-benchmark: each Triton kernel in optcc/kernels against its torch reference, on CUDA.
+"""Micro-benchmark: each Triton kernel in optcc/ops/kernels against its torch reference, on CUDA.
 
     python benchmarks/triton_kernels.py                      # every workload, Markdown on stdout
     python benchmarks/triton_kernels.py --only int4 --json   # the same numbers as JSON
@@ -10,7 +10,7 @@ Workloads (default shapes):
   tome-match    metric fp32 [64, 197, 64], CLS protected (ViT-B/16 at 224 px, batch 64)
   tome-merge    x fp32 [64, 197, 768], r = 16, sizes from a previous merge
 Contenders per workload: the Triton kernel, the torch reference it replaces
-(optcc/kernels int4_matmul_reference, match_scores_reference; optcc/merge.py
+(optcc/ops/kernels int4_matmul_reference, match_scores_reference; optcc/algorithms/tome.py
 merge_wavg), and for int4 a dense F.linear on the pre-dequantized fp16 weight
 as a ceiling. A device-to-device copy of 1 GiB gives the measured bandwidth
 ceiling of this GPU.
@@ -88,13 +88,13 @@ def _nbytes(*tensors) -> int:
 # ---------------------------------------------------------------- workloads ---
 
 def int4_workload(name: str, m: int, n: int, k: int, group: int, dtype: torch.dtype, device: str) -> Workload:
-    from optcc import quant
+    from optcc.algorithms import quantizers
 
-    im = importlib.import_module("optcc.kernels.int4_matmul")  # optcc.kernels.int4_matmul is the function
+    im = importlib.import_module("optcc.ops.kernels.int4_matmul")  # optcc.ops.kernels.int4_matmul is the function
     gen = torch.Generator().manual_seed(0)
-    codes, scale, zero = quant.quantize_groupwise(torch.randn(n, k, generator=gen), group)
-    qweight = quant.pack_int4(codes).reshape(n, k // group, group // 2).to(device)
-    scales, zeros = scale.reshape(-1).to(device), quant.pack_zero_points(zero).to(device)
+    codes, scale, zero = quantizers.quantize_groupwise(torch.randn(n, k, generator=gen), group)
+    qweight = quantizers.pack_int4(codes).reshape(n, k // group, group // 2).to(device)
+    scales, zeros = scale.reshape(-1).to(device), quantizers.pack_zero_points(zero).to(device)
     x = torch.randn(m, k, generator=gen).to(device, dtype)
     bias = torch.randn(n, generator=gen).to(device, dtype)
     dense = im.dequantize(qweight, scales, zeros, group).to(dtype)
@@ -113,7 +113,7 @@ def int4_workload(name: str, m: int, n: int, k: int, group: int, dtype: torch.dt
 
 
 def match_workload(b: int, t: int, d: int, device: str) -> Workload:
-    tome = importlib.import_module("optcc.kernels.tome")
+    tome = importlib.import_module("optcc.ops.kernels.tome_triton")
     gen = torch.Generator().manual_seed(0)
     metric = F.normalize(torch.randn(b, t, d, generator=gen), dim=-1).to(device)
     na, nb = (t + 1) // 2, t // 2
@@ -128,9 +128,9 @@ def match_workload(b: int, t: int, d: int, device: str) -> Workload:
 
 
 def merge_workload(b: int, t: int, c: int, r: int, device: str) -> Workload:
-    from optcc import merge as M
+    from optcc.algorithms import tome as M
 
-    tome = importlib.import_module("optcc.kernels.tome")
+    tome = importlib.import_module("optcc.ops.kernels.tome_triton")
     gen = torch.Generator().manual_seed(0)
     metric = F.normalize(torch.randn(b, t, 64, generator=gen), dim=-1)
     match = M.Match(*(f.to(device) for f in M.bipartite_soft_matching(metric, r, (0,))))
@@ -276,7 +276,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ImportError:
         print("triton is not installed: pip install triton (or optcc[test])", file=sys.stderr)
         return 1
-    import optcc.kernels  # noqa: F401  registers the ops and their CUDA kernels
+    import optcc.ops.kernels  # noqa: F401  registers the ops and their CUDA kernels
 
     device = "cuda"
     rows = measure(build(args.only, device), args.warmup, args.min_iters, args.min_seconds, device)

@@ -28,10 +28,10 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-# Quantized models saved as model.pt2 call optcc:: custom ops (optcc/qops.py); they must
+# Quantized models saved as model.pt2 call optcc:: custom ops (optcc/ops/quantized.py); they must
 # be registered before torch.export.load reads such a file, in any process. That needs
 # torch, so `import optcc` imports it here.
-from optcc import qops as _qops  # noqa: E402,F401
-# The Triton kernels attach themselves to those ops on CUDA (optcc/kernels; triton is only
+from optcc.ops import quantized as _qops  # noqa: E402,F401
+# The Triton kernels attach themselves to those ops on CUDA (optcc/ops/kernels; triton is only
 # needed when a kernel first launches), so a quantized .pt2 loaded on a GPU runs them.
-from optcc import kernels as _kernels  # noqa: E402,F401
+from optcc.ops import kernels as _kernels  # noqa: E402,F401

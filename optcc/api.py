@@ -18,28 +18,28 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from optcc import registry
-from optcc.bench import measure, peak_rss_mb
-from optcc.capture import capture, flat_outputs, graph_snapshot, primary_index, run_graph
-from optcc.data import calibration, evaluation
-from optcc.evaluate import compare, metric_for, run_metric, strip
-from optcc.context import PassContext
-from optcc.emit import emit_all
-from optcc.environment import environment
-from optcc.decoder import CacheSpec, example_inputs, export_mode, generate, no_guard_module, wrap
-from optcc.decoder import dynamic_shapes as decoder_shapes
+from optcc.pipeline import registry
+from optcc.measure.latency import measure, peak_rss_mb
+from optcc.graph.capture import capture, flat_outputs, graph_snapshot, primary_index, run_graph
+from optcc.intake.data import calibration, evaluation
+from optcc.measure.task import compare, metric_for, run_metric, strip
+from optcc.pipeline.context import PassContext
+from optcc.export.emit import emit_all
+from optcc.measure.environment import environment
+from optcc.intake.decoder import CacheSpec, example_inputs, export_mode, generate, no_guard_module, wrap
+from optcc.intake.decoder import dynamic_shapes as decoder_shapes
 from optcc.errors import IntakeError, RecipeError, RequirementError
-from optcc.genbench import bench_generation, prompt_ids
-from optcc.intake import TOKEN_TASKS, LoadedModel, load_model, make_inputs
-from optcc.manager import run_passes
-from optcc.metrics import fidelity
-from optcc.recipe import Recipe, dump_lock, load_recipe
-from optcc.gates import check_requirements, regressions
-from optcc.diffview import waterfall_html
-from optcc.report import to_markdown
-from optcc.schema import json_schema
-from optcc.stats import graph_stats
-from optcc.structure import Structure
+from optcc.measure.generation import bench_generation, prompt_ids
+from optcc.intake.load import TOKEN_TASKS, LoadedModel, load_model, make_inputs
+from optcc.pipeline.manager import run_passes
+from optcc.measure.metrics import fidelity
+from optcc.config.recipe import Recipe, dump_lock, load_recipe
+from optcc.config.gates import check_requirements, regressions
+from optcc.report.diff import waterfall_html
+from optcc.report.markdown import to_markdown
+from optcc.config.schema import json_schema
+from optcc.graph.stats import graph_stats
+from optcc.graph.structure import Structure
 
 Events = Callable[..., None]  # on_event(kind, **data): "stage" (name), "pass" (name, i, n)
 
@@ -110,7 +110,7 @@ def probe_causal(lm: LoadedModel, inputs: dict[str, torch.Tensor], out: Any) -> 
 
 def inspect_model(source: str, task: Optional[str] = None, weights: Optional[str] = None,
                   recipe: Optional[Recipe] = None) -> tuple[LoadedModel, Structure]:
-    from optcc.recipe import parse_recipe
+    from optcc.config.recipe import parse_recipe
 
     recipe = recipe or parse_recipe("version: 1\n")
     prep = prepare(source, task, weights, recipe)
@@ -125,7 +125,7 @@ def run_artifact(artifact: str | Path, prompt: Optional[str] = None, tokens: Opt
                  new_tokens: int = 32) -> dict:
     """Greedy generation from a decoder artifact (model.onnx or model.pt2 written by `apply`).
     Byte-level models take a text prompt; others take token ids."""
-    from optcc.emit import load_onnx, load_torch
+    from optcc.export.emit import load_onnx, load_torch
 
     path = Path(artifact)
     if path.is_dir():

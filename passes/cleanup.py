@@ -12,9 +12,9 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
-from optcc.context import PassContext
-from optcc.registry import PassResult, register
-from optcc.schema import field
+from optcc.pipeline.context import PassContext
+from optcc.pipeline.registry import PassResult, register
+from optcc.config.schema import field
 
 aten = torch.ops.aten
 

@@ -5,7 +5,7 @@ one element (the keys and values of each layer, or kv_share's merged directions)
 slots: `<slot>_int8` [B, H, L, D] int8 and `<slot>_scale` [B, H, L, 1] fp32. The graph
 dequantizes the past where it first read it (attention sees the past as stored and the
 new tokens' own K/V at full precision) and quantizes what it returns. Re-quantizing a
-dequantized vector gives the same codes (optcc/kvmath.py), so a cache written back at
+dequantized vector gives the same codes (optcc/algorithms/kvmath.py), so a cache written back at
 every decode step does not drift. Slots of one element per vector (kv_share's norms),
 integer slots and slots of their own length (kv_share merge's retained tokens, a few per
 cent of the tokens) stay as they are: quantizing the latter made torch.export specialise
@@ -24,12 +24,12 @@ from typing import Literal
 import torch
 import torch.fx as fx
 
-from optcc import kvmath
-from optcc.cacheio import CacheIO, fake_like, node_order, retarget_sizes
-from optcc.context import PassContext
+from optcc.algorithms import kvmath
+from optcc.graph.cacheio import CacheIO, fake_like, node_order, retarget_sizes
+from optcc.pipeline.context import PassContext
 from optcc.errors import PassError
-from optcc.registry import PassResult, register
-from optcc.schema import field
+from optcc.pipeline.registry import PassResult, register
+from optcc.config.schema import field
 
 
 @dataclass(frozen=True)

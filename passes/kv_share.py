@@ -9,7 +9,7 @@ the remaining weights against the original model's logits.
 
 merge (MiniCache, training-free): from the `start` depth fraction up, adjacent
 layers (i, i+1) store one cache per pair: a SLERP-merged direction, each layer's
-per-token norms and the least similar token pairs kept exactly (optcc/kvmath.py).
+per-token norms and the least similar token pairs kept exactly (optcc/algorithms/kvmath.py).
 The graph restores both layers' past K/V from those inputs, attends as before
 (the new tokens exact), and re-merges the whole sequence into its outputs, so
 bytes per token drop. Merging a restored cache again is the identity for merged
@@ -27,14 +27,14 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from optcc import kvmath
-from optcc.cacheio import CacheIO, fake_like, node_order, retarget_sizes
-from optcc.context import PassContext
+from optcc.algorithms import kvmath
+from optcc.graph.cacheio import CacheIO, fake_like, node_order, retarget_sizes
+from optcc.pipeline.context import PassContext
 from optcc.errors import PassError
-from optcc.probe import record
-from optcc.registry import PassResult, register
-from optcc.schema import field
-from optcc.structure import LINEAR, Attention, module_path
+from optcc.graph.probe import record
+from optcc.pipeline.registry import PassResult, register
+from optcc.config.schema import field
+from optcc.graph.structure import LINEAR, Attention, module_path
 
 aten = torch.ops.aten
 RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
@@ -322,7 +322,7 @@ def _prefill_batches(ctx: PassContext) -> tuple[list[dict], str]:
 
 
 def _merge(gm: fx.GraphModule, io: CacheIO, pairs: list[tuple[int, int]], t: float, retain: float) -> None:
-    """Replace each pair's four cache slots per kind by the merged representation (optcc/kvmath.py)."""
+    """Replace each pair's four cache slots per kind by the merged representation (optcc/algorithms/kvmath.py)."""
     g = gm.graph
     first_of = {f"{kind}_{i}": (kind, i, j) for i, j in pairs for kind in ("key", "value")}
     second = {f"{kind}_{j}" for _, j in pairs for kind in ("key", "value")}

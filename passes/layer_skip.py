@@ -15,7 +15,7 @@ Which cuts: `influence` scores each candidate by Block Influence (1 - mean cos o
 the replacement vs the replaced value on calibration data) and drops the lowest;
 `angular` drops the run of consecutive blocks whose input and output are closest in
 angle; `explicit` drops the listed indices (still scored, for the report). Math
-lives in optcc/influence.py.
+lives in optcc/algorithms/influence.py.
 """
 from __future__ import annotations
 
@@ -25,15 +25,15 @@ from typing import Literal, Optional
 import torch
 import torch.fx as fx
 
-from optcc import influence
-from optcc.cacheio import CacheIO
-from optcc.context import PassContext
+from optcc.algorithms import influence
+from optcc.graph.cacheio import CacheIO
+from optcc.pipeline.context import PassContext
 from optcc.errors import PassError
-from optcc.probe import record
-from optcc.registry import PassResult, register
-from optcc.schema import field
-from optcc.stats import is_impure_at_inference
-from optcc.structure import LINEAR, NORM_OPS, Block, Structure, module_classes, module_path, module_paths
+from optcc.graph.probe import record
+from optcc.pipeline.registry import PassResult, register
+from optcc.config.schema import field
+from optcc.graph.stats import is_impure_at_inference
+from optcc.graph.structure import LINEAR, NORM_OPS, Block, Structure, module_classes, module_path, module_paths
 
 SELECTS = ("influence", "angular", "explicit")
 GRANULARITIES = ("block", "attention", "mlp")

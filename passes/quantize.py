@@ -1,4 +1,4 @@
-"""quantize: replace linear layers by integer-kernel ops (optcc.qops).
+"""quantize: replace linear layers by integer-kernel ops (optcc.ops.quantized).
 
 Schemes: int8-dynamic (per-token int8 activations × per-channel int8 weights,
 torch._int_mm / ONNX MatMulIntegerToFloat), int8-weight-only (DequantizeLinear +
@@ -6,7 +6,7 @@ MatMul), int4-weight-only (group-wise RTN, ONNX MatMulNBits) and int4-awq
 (activation-aware per-channel scales searched on calibration data). Optional
 SmoothQuant folding for int8-dynamic. Scales are folded into the preceding norm
 only where that norm feeds nothing but the linears being scaled.
-Math in optcc/quant.py; ops in optcc/qops.py; docs in docs/quantize.md.
+Math in optcc/quantizers.py; ops in optcc/quantized.py; docs in docs/quantize.md.
 """
 from __future__ import annotations
 
@@ -18,15 +18,17 @@ from typing import Literal, Optional
 import torch
 import torch.fx as fx
 
-from optcc import qops, quant  # noqa: F401  (qops registers the optcc:: ops)
-from optcc.capture import graph_snapshot
-from optcc.context import PassContext
+from optcc.ops import quantized  # noqa: F401  (qops registers the optcc:: ops)
+
+from optcc.algorithms import quantizers
+from optcc.graph.capture import graph_snapshot
+from optcc.pipeline.context import PassContext
 from optcc.errors import PassError
-from optcc.probe import record
-from optcc.registry import PassResult, register
-from optcc.schema import field
-from optcc.lineargroups import Group, groups, linear_parts, set_tensor
-from optcc.structure import Linear, attr_at, module_path
+from optcc.graph.probe import record
+from optcc.pipeline.registry import PassResult, register
+from optcc.config.schema import field
+from optcc.graph.lineargroups import Group, groups, linear_parts, set_tensor
+from optcc.graph.structure import Linear, attr_at, module_path
 
 aten = torch.ops.aten
 ops = torch.ops.optcc
@@ -58,7 +60,7 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.scheme.startswith("int4"):
-            quant.check_group_size(self.group_size, self.group_size)  # even and >= 2
+            quantizers.check_group_size(self.group_size, self.group_size)  # even and >= 2
         # checked here, not in Smooth: the loader reports errors inside an optional section poorly
         if self.smooth is not None and not 0.0 <= self.smooth.alpha <= 1.0:
             raise ValueError(f"smooth.alpha must be in [0, 1], got {self.smooth.alpha}")
@@ -176,20 +178,20 @@ def _replace(gm: fx.GraphModule, node: fx.Node, li: Linear, op, tensors: dict[st
 def _quantize(w: torch.Tensor, li: Linear, cfg: Config, clip: Optional[torch.Tensor]):
     """(op, tensors, extra args, dequantized weight [out, in], bits) for one layer."""
     if cfg.scheme.startswith("int8"):
-        dynamic = cfg.scheme == "int8-dynamic"  # its ONNX GEMM may need 7-bit codes (qops.onnx_int8_layout)
-        qmax = qops.int8_weight_qmax() if dynamic else quant.QMAX8
-        q, sc = quant.quantize_per_channel(w, qmax)
+        dynamic = cfg.scheme == "int8-dynamic"  # its ONNX GEMM may need 7-bit codes (quantized.onnx_int8_layout)
+        qmax = quantized.int8_weight_qmax() if dynamic else quantizers.QMAX8
+        q, sc = quantizers.quantize_per_channel(w, qmax)
         if dynamic:
             op = ops.linear_dq_int8_tensor.default if cfg.activations == "per-tensor" else ops.linear_dq_int8.default
         else:
             op = ops.linear_w8.default
-        return op, {"wq": q.t().contiguous(), "ws": sc}, (), quant.dequantize_per_channel(q, sc), 8 if qmax == quant.QMAX8 else 7
-    codes, sc, zp = quant.quantize_groupwise(w, cfg.group_size, clip=clip)
+        return op, {"wq": q.t().contiguous(), "ws": sc}, (), quantizers.dequantize_per_channel(q, sc), 8 if qmax == quantizers.QMAX8 else 7
+    codes, sc, zp = quantizers.quantize_groupwise(w, cfg.group_size, clip=clip)
     groups_ = li.in_features // cfg.group_size
-    tensors = {"w4": quant.pack_int4(codes).reshape(li.out_features, groups_, cfg.group_size // 2),
-               "s4": sc.reshape(-1).contiguous(), "z4": quant.pack_zero_points(zp)}
+    tensors = {"w4": quantizers.pack_int4(codes).reshape(li.out_features, groups_, cfg.group_size // 2),
+               "s4": sc.reshape(-1).contiguous(), "z4": quantizers.pack_zero_points(zp)}
     extra = (li.in_features, cfg.group_size, 4 if cfg.int4_activations == "int8" else 0)
-    return ops.linear_w4.default, tensors, extra, quant.dequantize_groupwise(codes, sc, zp), 4
+    return ops.linear_w4.default, tensors, extra, quantizers.dequantize_groupwise(codes, sc, zp), 4
 
 
 _KERNELS = {
@@ -214,12 +216,12 @@ def _kernels(cfg: Config) -> dict:
     if cfg.scheme != "int8-dynamic":
         return dict(_KERNELS[cfg.scheme])
     base = _PER_TENSOR if cfg.activations == "per-tensor" else _KERNELS["int8-dynamic"]
-    return {**base, "activations": cfg.activations, "torch_int8_gemm": _torch_gemm(cfg), "onnx_int8_weights": qops.onnx_int8_layout()}
+    return {**base, "activations": cfg.activations, "torch_int8_gemm": _torch_gemm(cfg), "onnx_int8_weights": quantized.onnx_int8_layout()}
 
 
 def _torch_gemm(cfg: Config) -> str:
     """The int8 GEMM the torch op of this int8-dynamic config runs here: int_mm | fp32 | fbgemm (qops)."""
-    return qops.per_tensor_gemm_kernel() if cfg.activations == "per-tensor" else qops.INT8_GEMM
+    return quantized.per_tensor_gemm_kernel() if cfg.activations == "per-tensor" else quantized.INT8_GEMM
 
 
 def _timing(orig: fx.GraphModule, gm: fx.GraphModule, ctx: PassContext) -> dict:
@@ -243,11 +245,11 @@ def _activation_scales(gm: fx.GraphModule, grps: list[Group], cfg: Config, ctx: 
         if not g.foldable:
             skipped.append({"linears": names, "reason": g.why_not})
         elif cfg.smooth is not None:
-            sc = quant.smooth_scales(st[g.source.name]["absmax"], w_all.abs().amax(dim=0), cfg.smooth.alpha)
+            sc = quantizers.smooth_scales(st[g.source.name]["absmax"], w_all.abs().amax(dim=0), cfg.smooth.alpha)
             folded.append({"norm": module_path(g.source), "linears": names})
             _fold(gm, g, sc, scales)
         else:
-            sc, alpha, errs = quant.awq_search(st[g.source.name]["rows"], w_all, cfg.group_size, cfg.awq_grid)
+            sc, alpha, errs = quantizers.awq_search(st[g.source.name]["rows"], w_all, cfg.group_size, cfg.awq_grid)
             folded.append({"norm": module_path(g.source), "linears": names, "alpha": alpha,
                            "mse_rtn": errs[0], "mse_best": min(errs)})
             _fold(gm, g, sc, scales)
@@ -255,7 +257,7 @@ def _activation_scales(gm: fx.GraphModule, grps: list[Group], cfg: Config, ctx: 
             x = st[g.source.name]["rows"]
             for li, _ in g.members:
                 s_li = scales.get(li.path, torch.ones(li.in_features))
-                clips[li.path] = quant.awq_clip(x / s_li, _weight(gm, li) * s_li, cfg.group_size)
+                clips[li.path] = quantizers.awq_clip(x / s_li, _weight(gm, li) * s_li, cfg.group_size)
         tick(1)
     params = {"alpha": cfg.smooth.alpha} if cfg.smooth is not None else {"grid": cfg.awq_grid, "clip": cfg.awq_clip}
     return scales, clips, {"calibration": calib_note, **params, "folded": folded, "skipped": skipped}
@@ -284,7 +286,7 @@ def _notes(cfg: Config, tied: list[str], skipped: int, timing: Optional[dict]) -
             notes.append("activations: per-tensor: one uint8 scale and zero point per call over the whole activation "
                          "(batch included), as onnxruntime's DynamicQuantizeMatMul computes them; outputs depend a little on "
                          "what else is in the batch, and an outlier token coarsens every token's codes (per-token does not)")
-        layout = qops.onnx_int8_layout()
+        layout = quantized.onnx_int8_layout()
         if layout == "u8s8":
             notes.append("ONNX weights are int8 (u8·s8 GEMM, exact and fastest with VNNI/AMX, as on this CPU); on an "
                          "x86 CPU without VNNI that GEMM saturates: compile for such a CPU with OPTCC_ONNX_INT8=u8s7")
@@ -296,7 +298,7 @@ def _notes(cfg: Config, tied: list[str], skipped: int, timing: Optional[dict]) -
             notes.append("ONNX weights are uint8 + zero point 128 (u8·u8 GEMM, exact on every onnxruntime kernel)")
         gemm = _torch_gemm(cfg)
         if gemm == "fp32":
-            fbgemm = cfg.activations == "per-token" and qops.per_tensor_gemm_kernel() == "fbgemm"
+            fbgemm = cfg.activations == "per-token" and quantized.per_tensor_gemm_kernel() == "fbgemm"
             notes.append("torch artifact: this CPU has no int8 dot-product instructions (VNNI/AMX/i8mm), where "
                          "torch._int_mm is many times slower than fp32, so the .pt2 multiplies the int8 codes in fp32: "
                          "smaller weights, no speedup on torch here — the ONNX artifact runs the integer GEMM"
@@ -343,7 +345,7 @@ def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
             sc = scales.get(li.path)
             op, tensors, args, w_hat, bits = _quantize(w0 * sc if sc is not None else w0, li, cfg, clips.get(li.path))
             w_eff = w_hat / sc if sc is not None else w_hat  # what the layer computes with, vs the original
-            layers.append({"name": li.path, "sqnr_db": round(quant.sqnr_db(w0, w_eff), 2), "bits": bits})
+            layers.append({"name": li.path, "sqnr_db": round(quantizers.sqnr_db(w0, w_eff), 2), "bits": bits})
             orig_w = attr_at(gm, li.weight)
             before += orig_w.numel() * orig_w.element_size()
             after += sum(t.numel() * t.element_size() for t in tensors.values())

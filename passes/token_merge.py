@@ -6,7 +6,7 @@ the MLP, r tokens are folded into their most similar partners (metric: the
 block's attention keys averaged over heads). Later attentions get log(size)
 as an additive mask (proportional attention) and the merged padding mask.
 
-The merge math is optcc/merge.py; here it is traced once per block with
+The merge math is optcc/algorithms/tome.py; here it is traced once per block with
 torch.export (batch dynamic, token count static) and its ATen ops are copied
 into the graph. Downstream nodes that bake in the old token count (view /
 reshape / expand / slice arguments) are rewritten by replaying the graph on
@@ -23,15 +23,15 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from optcc import merge as M
-from optcc.capture import flat_outputs
-from optcc.context import PassContext
+from optcc.algorithms import tome as M
+from optcc.graph.capture import flat_outputs
+from optcc.pipeline.context import PassContext
 from optcc.errors import PassError
-from optcc.probe import placeholder_args, record
-from optcc.registry import PassResult, register
-from optcc.schema import field
-from optcc.stats import flops_by_node
-from optcc.structure import Block, NORM_OPS, Structure, module_path
+from optcc.graph.probe import placeholder_args, record
+from optcc.pipeline.registry import PassResult, register
+from optcc.config.schema import field
+from optcc.graph.stats import flops_by_node
+from optcc.graph.structure import Block, NORM_OPS, Structure, module_path
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)

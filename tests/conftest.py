@@ -39,9 +39,9 @@ def captured_decoder(source: str, task=None):
     """(prep, graph) of a decoder captured with its explicit KV cache, as `optcc apply` does
     (batch 2, seq_len 12); cached per model: callers deep-copy the graph before editing it."""
     from optcc.api import prepare
-    from optcc.capture import capture
-    from optcc.decoder import dynamic_shapes, no_guard_module
-    from optcc.recipe import parse_recipe
+    from optcc.graph.capture import capture
+    from optcc.intake.decoder import dynamic_shapes, no_guard_module
+    from optcc.config.recipe import parse_recipe
 
     prep = prepare(source, task, None, parse_recipe("version: 1\nmodel: {inputs: {batch: 2, seq_len: 12}}\n"))
     with no_guard_module():
@@ -51,6 +51,6 @@ def captured_decoder(source: str, task=None):
 
 def pass_context(prep):
     """The PassContext `optcc apply` builds for a prepared model."""
-    from optcc.context import PassContext
+    from optcc.pipeline.context import PassContext
 
     return PassContext(prep.lm.task, prep.inputs, prep.reference, prep.primary, prep.causal, cache=prep.cache, prefix=prep.prefix)

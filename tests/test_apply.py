@@ -7,7 +7,7 @@ import torch
 
 from conftest import FAST_RECIPE, HANDWRITTEN, write_recipe
 from optcc.api import apply
-from optcc.emit import load_onnx, load_torch
+from optcc.export.emit import load_onnx, load_torch
 from optcc.errors import IntakeError, RequirementError
 
 
@@ -34,7 +34,7 @@ def test_apply_vit_end_to_end(tmp_path, fast_recipe):
 
 
 def test_artifacts_match_eager_and_keep_dynamic_batch(tmp_path, fast_recipe):
-    from optcc.intake import load_model
+    from optcc.intake.load import load_model
 
     out = tmp_path / "out"
     apply(fast_recipe, "builtin:tiny-vit", out)

@@ -11,11 +11,11 @@ import torch
 
 from conftest import pass_context
 from optcc.api import emit_checked, prepare
-from optcc.capture import capture
-from optcc.decoder import dynamic_shapes, no_guard_module
+from optcc.graph.capture import capture
+from optcc.intake.decoder import dynamic_shapes, no_guard_module
 from optcc.errors import OptccError
-from optcc.manager import run_passes
-from optcc.recipe import parse_recipe
+from optcc.pipeline.manager import run_passes
+from optcc.config.recipe import parse_recipe
 
 ENC = dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
            max_position_embeddings=128)

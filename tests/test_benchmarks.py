@@ -41,7 +41,7 @@ def test_quantize_floor_graphs_compute_the_int8_linears(monkeypatch):
     import numpy as np
 
     from benchmarks.quantize_floor import int8_sessions
-    from optcc.quant import quantize_per_tensor_u8
+    from optcc.algorithms.quantizers import quantize_per_tensor_u8
 
     monkeypatch.setenv("OPTCC_ONNX_INT8", "u8s7")
     rng = np.random.default_rng(0)

@@ -7,7 +7,7 @@ from conftest import ROOT, write_recipe
 from test_cli import optcc
 from optcc.api import apply
 from optcc.errors import RecipeError, RequirementError
-from optcc.recipe import parse_recipe
+from optcc.config.recipe import parse_recipe
 
 RECIPE = """
 version: 1
@@ -49,7 +49,7 @@ def test_bad_requirements_fail_before_any_work(require, msg):
 
 
 def test_derived_gate_metrics(run, tmp_path):
-    from optcc.gates import check_requirements
+    from optcc.config.gates import check_requirements
 
     _, out = run
     report = json.loads((out / "report.json").read_text())
@@ -121,7 +121,7 @@ def test_pass_records_and_diff_views(run):
 
 
 def test_embedding_gates_read_the_worst_artifact():
-    from optcc.gates import check_requirements
+    from optcc.config.gates import check_requirements
 
     report = {"task_metric": {"metric": "paraphrase_retrieval", "baseline": 0.9, "optimized": 0.9, "delta": 0.0,
                               "by_artifact": {"onnx": {"embedding_cosine_mean": 0.995, "neighbour_agreement": 1.0},

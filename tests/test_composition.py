@@ -13,12 +13,12 @@ from functools import lru_cache
 import pytest
 
 from conftest import HANDWRITTEN, captured_decoder, pass_context
-from optcc import registry
+from optcc.pipeline import registry
 from optcc.api import emit_checked, prepare
-from optcc.capture import capture
-from optcc.decoder import no_guard_module
-from optcc.manager import run_passes
-from optcc.recipe import parse_recipe
+from optcc.graph.capture import capture
+from optcc.intake.decoder import no_guard_module
+from optcc.pipeline.manager import run_passes
+from optcc.config.recipe import parse_recipe
 
 # One setting per pass, small enough for tiny models.
 ENCODER = {

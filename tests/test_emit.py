@@ -6,7 +6,7 @@ import onnx_ir as ir
 import torch
 import torch.nn.functional as F
 
-from optcc.emit import drop_softmax_nan_guards, emit_onnx, flatten_residual_layernorms, load_onnx
+from optcc.export.emit import drop_softmax_nan_guards, emit_onnx, flatten_residual_layernorms, load_onnx
 
 
 class MaskedAttention(torch.nn.Module):
@@ -102,10 +102,10 @@ def test_layernorm_without_a_residual_add_is_left_alone():
 def _quantized_minilm():
     """all-MiniLM-L6-v2 after `quantize: {scheme: int8-dynamic}`, with its context."""
     from optcc.api import prepare
-    from optcc.capture import capture
-    from optcc.context import PassContext
-    from optcc.manager import run_passes
-    from optcc.recipe import parse_recipe
+    from optcc.graph.capture import capture
+    from optcc.pipeline.context import PassContext
+    from optcc.pipeline.manager import run_passes
+    from optcc.config.recipe import parse_recipe
 
     recipe = parse_recipe("version: 1\nmodel: {inputs: {batch: 2, seq_len: 32}}\npasses:\n  - quantize: {scheme: int8-dynamic}\n")
     prep = prepare("builtin:minilm", None, None, recipe)
@@ -122,8 +122,8 @@ def test_quantized_artifact_check_allows_rounding_flips_and_catches_real_errors(
     (within the graph's own quantization error) and still reject a wrong scale."""
     import copy
 
-    from optcc.capture import flat_outputs
-    from optcc.emit import quantization_noise, verify
+    from optcc.graph.capture import flat_outputs
+    from optcc.export.emit import quantization_noise, verify
     from optcc.errors import ExportError
     import pytest
 
@@ -156,7 +156,7 @@ def test_int8_codes_may_move_by_the_graphs_relative_quantization_error():
     code: after a rounding pass they may differ by the graph's relative error in codes, not one."""
     import pytest
 
-    from optcc.emit import verify
+    from optcc.export.emit import verify
     from optcc.errors import ExportError
 
     logits = torch.linspace(-10, 10, 40).reshape(2, 20)

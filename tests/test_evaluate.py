@@ -7,11 +7,11 @@ import torch
 
 from conftest import write_recipe
 from optcc.api import apply
-from optcc.data import calibration, evaluation, load_dataset
+from optcc.intake.data import calibration, evaluation, load_dataset
 from optcc.errors import RecipeError
-from optcc.evaluate import compare, run_metric
-from optcc.intake import load_model, make_inputs
-from optcc.recipe import parse_recipe
+from optcc.measure.task import compare, run_metric
+from optcc.intake.load import load_model, make_inputs
+from optcc.config.recipe import parse_recipe
 from optcc.zoo.data import zoo_dir
 
 
@@ -143,7 +143,7 @@ def test_minilm_sentence_metric():
 def test_image_folder_source_maps_labels_resizes_and_normalises(tmp_path):
     from PIL import Image
 
-    from optcc.intake import LoadedModel
+    from optcc.intake.load import LoadedModel
 
     model_dir = tmp_path / "model"
     model_dir.mkdir()

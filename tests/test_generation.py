@@ -9,10 +9,10 @@ import torch
 from conftest import HANDWRITTEN, write_recipe
 from test_cli import optcc
 from optcc.api import apply, prepare, run_artifact
-from optcc.decoder import generate, no_guard_module
-from optcc.emit import load_onnx, load_torch
+from optcc.intake.decoder import generate, no_guard_module
+from optcc.export.emit import load_onnx, load_torch
 from optcc.errors import IntakeError, RecipeError
-from optcc.recipe import parse_recipe
+from optcc.config.recipe import parse_recipe
 
 RECIPE = """
 version: 1
@@ -40,7 +40,7 @@ def test_decoder_artifacts_match_eager_prefill_and_decode(tmp_path, source, task
     prep = prepare(source, task, None, parse_recipe(RECIPE))
     eager = lambda b: list(prep.lm.module(**b))
     prompt = torch.randint(0, spec["vocab_size"], (1, 9))
-    from optcc.decoder import CacheSpec
+    from optcc.intake.decoder import CacheSpec
 
     cs = CacheSpec(**spec)
     with torch.no_grad(), no_guard_module():

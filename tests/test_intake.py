@@ -5,8 +5,8 @@ import torch
 
 from conftest import HANDWRITTEN
 from optcc.errors import IntakeError
-from optcc.intake import load_model, make_inputs
-from optcc.recipe import Inputs
+from optcc.intake.load import load_model, make_inputs
+from optcc.config.recipe import Inputs
 
 
 def test_builtin():

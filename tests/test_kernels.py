@@ -1,4 +1,4 @@
-"""optcc/kernels: every Triton kernel against its torch reference, and the custom ops' CPU path.
+"""optcc/ops/kernels: every Triton kernel against its torch reference, and the custom ops' CPU path.
 
 Triton on CPU: the kernels run under TRITON_INTERPRET=1 in ONE child process
 (`python tests/test_kernels.py OUT`). The mode has to be on before triton is
@@ -36,12 +36,12 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT
-import optcc.kernels as kernels
-from optcc import merge as M
-from optcc import quant
+import optcc.ops.kernels as kernels
+from optcc.algorithms import tome as M
+from optcc.algorithms import quantizers
 
-im = importlib.import_module("optcc.kernels.int4_matmul")  # optcc.kernels.int4_matmul is the function
-tome = importlib.import_module("optcc.kernels.tome")
+im = importlib.import_module("optcc.ops.kernels.int4_matmul")  # optcc.ops.kernels.int4_matmul is the function
+tome = importlib.import_module("optcc.ops.kernels.tome_triton")
 
 TOL_FP32 = dict(atol=1e-4, rtol=1e-5)
 TOL_FP16 = dict(atol=1e-2, rtol=2e-3)
@@ -52,15 +52,15 @@ TOL_TOME = dict(atol=1e-5, rtol=1e-5)
 # Each builder returns plain data (tensors, ints, tuples, None) so the child can torch.save it.
 
 def _int4(lead, n, k, group, *, zeros=True, bias=True, dtype=torch.float32, flat=False, strided=False, seed=0):
-    """Weights quantized by the quantize pass's own math (quant.quantize_groupwise), x: [*lead, K]."""
+    """Weights quantized by the quantize pass's own math (quantizers.quantize_groupwise), x: [*lead, K]."""
     gen = torch.Generator().manual_seed(seed)
-    codes, scale, zero = quant.quantize_groupwise(torch.randn(n, k, generator=gen), group)
-    packed = quant.pack_int4(codes)  # [N, K/2]
+    codes, scale, zero = quantizers.quantize_groupwise(torch.randn(n, k, generator=gen), group)
+    packed = quantizers.pack_int4(codes)  # [N, K/2]
     x = torch.randn(k, *lead, generator=gen).t() if strided else torch.randn(*lead, k, generator=gen)
     return {"x": x.to(dtype),
             "qweight": packed if flat else packed.reshape(n, k // group, group // 2),
             "scales": scale if flat else scale.reshape(-1),
-            "zeros": quant.pack_zero_points(zero) if zeros else None,
+            "zeros": quantizers.pack_zero_points(zero) if zeros else None,
             "bias": torch.randn(n, generator=gen).to(dtype) if bias else None,
             "group_size": group}
 
@@ -259,14 +259,14 @@ def test_triton_interpreted_matches_reference(interpreted, name):
 def test_int4_reference_reads_the_quantizer_layout():
     """The reference must agree with quant's own dequantizer (codes - zero) * scale, and zeros None means 8."""
     gen = torch.Generator().manual_seed(1)
-    codes, scale, zero = quant.quantize_groupwise(torch.randn(12, 96, generator=gen), 32)  # 3 groups: odd
+    codes, scale, zero = quantizers.quantize_groupwise(torch.randn(12, 96, generator=gen), 32)  # 3 groups: odd
     x, bias = torch.randn(5, 96, generator=gen), torch.randn(12, generator=gen)
-    packed = quant.pack_int4(codes).reshape(12, 3, 16)
-    want = x @ quant.dequantize_groupwise(codes, scale, zero).t() + bias
-    got = im.int4_matmul_reference(x, packed, scale.reshape(-1), quant.pack_zero_points(zero), 32, bias)
+    packed = quantizers.pack_int4(codes).reshape(12, 3, 16)
+    want = x @ quantizers.dequantize_groupwise(codes, scale, zero).t() + bias
+    got = im.int4_matmul_reference(x, packed, scale.reshape(-1), quantizers.pack_zero_points(zero), 32, bias)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     eight = torch.full_like(zero, 8)
-    want8 = x @ quant.dequantize_groupwise(codes, scale, eight).t()
+    want8 = x @ quantizers.dequantize_groupwise(codes, scale, eight).t()
     torch.testing.assert_close(im.int4_matmul_reference(x, packed, scale, None, 32), want8, atol=1e-5, rtol=1e-5)
 
 

@@ -7,13 +7,14 @@ import pytest
 import torch
 
 from conftest import HANDWRITTEN, captured_decoder, pass_context, write_recipe
-from optcc import kvmath, registry
+from optcc.algorithms import kvmath
+from optcc.pipeline import registry
 from optcc.api import apply
-from optcc.decoder import CacheSpec, generate, no_guard_module
-from optcc.emit import load_onnx, load_torch
+from optcc.intake.decoder import CacheSpec, generate, no_guard_module
+from optcc.export.emit import load_onnx, load_torch
 from optcc.errors import PassError
-from optcc.manager import run_passes
-from optcc.recipe import parse_recipe
+from optcc.pipeline.manager import run_passes
+from optcc.config.recipe import parse_recipe
 
 # ------------------------------------------------------------------ math
 
@@ -149,7 +150,7 @@ def test_registered_for_decoders_after_the_structural_cache_passes():
 
 
 def test_artifact_check_allows_int8_codes_to_round_apart_but_not_drift_or_ids_to_change():
-    from optcc.emit import verify
+    from optcc.export.emit import verify
     from optcc.errors import ExportError
     codes = torch.randint(-127, 128, (2, 3, 8), dtype=torch.int8)
     ids = torch.arange(6).reshape(2, 3)

@@ -9,14 +9,15 @@ import pytest
 import torch
 
 from conftest import HANDWRITTEN, pass_context, write_recipe
-from optcc import influence, registry
+from optcc.algorithms import influence
+from optcc.pipeline import registry
 from optcc.api import apply, prepare
-from optcc.capture import capture, flat_outputs
-from optcc.context import PassContext
-from optcc.decoder import dynamic_shapes, no_guard_module
+from optcc.graph.capture import capture, flat_outputs
+from optcc.pipeline.context import PassContext
+from optcc.intake.decoder import dynamic_shapes, no_guard_module
 from optcc.errors import PassError, RecipeError
-from optcc.manager import run_passes
-from optcc.recipe import PassStep, parse_recipe
+from optcc.pipeline.manager import run_passes
+from optcc.config.recipe import PassStep, parse_recipe
 
 Config = registry.get("layer_skip").config
 
@@ -338,7 +339,7 @@ bench: {enabled: false}
     assert rec["after"]["params"] < rec["before"]["params"] and rec["after"]["flops"] < rec["before"]["flops"]
     # the terminal shows every candidate's score, the removed one marked
     from rich.console import Console
-    from optcc.render import report_tables
+    from optcc.report.terminal import report_tables
 
     con = Console(record=True, width=200)
     for t in report_tables(on_disk):

@@ -3,14 +3,14 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from optcc import registry
+from optcc.pipeline import registry
 from optcc.api import prepare
-from optcc.capture import capture
-from optcc.context import PassContext
+from optcc.graph.capture import capture
+from optcc.pipeline.context import PassContext
 from optcc.errors import PassError
-from optcc.manager import run_passes
-from optcc.recipe import PassStep, parse_recipe
-from optcc.registry import PassResult
+from optcc.pipeline.manager import run_passes
+from optcc.config.recipe import PassStep, parse_recipe
+from optcc.pipeline.registry import PassResult
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def test_ordering_constraint_checked_at_load(temp_pass):
 
 
 def test_per_block_counts_removed_added_rewired_and_bytes():
-    from optcc.graphdiff import per_block, snapshot
+    from optcc.graph.diff import per_block, snapshot
 
     class Block(torch.nn.Module):
         def __init__(self):

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from optcc import metrics
+from optcc.measure import metrics
 
 
 def test_accuracy_perfect_and_chance():

@@ -11,16 +11,17 @@ import pytest
 import torch
 
 from conftest import HANDWRITTEN, ROOT
-from optcc import quant, registry
+from optcc.algorithms import quantizers
+from optcc.pipeline import registry
 from optcc.api import apply, prepare
-from optcc.capture import capture
-from optcc.context import PassContext
-from optcc.decoder import dynamic_shapes as decoder_shapes, no_guard_module
-from optcc.emit import emit_all
+from optcc.graph.capture import capture
+from optcc.pipeline.context import PassContext
+from optcc.intake.decoder import dynamic_shapes as decoder_shapes, no_guard_module
+from optcc.export.emit import emit_all
 from optcc.errors import PassError, RecipeError
-from optcc.manager import run_passes
-from optcc.qops import QUANT_OPS
-from optcc.recipe import PassStep, parse_recipe
+from optcc.pipeline.manager import run_passes
+from optcc.ops.quantized import QUANT_OPS
+from optcc.config.recipe import PassStep, parse_recipe
 
 aten = torch.ops.aten
 
@@ -29,17 +30,17 @@ aten = torch.ops.aten
 
 def test_per_channel_round_trip_within_half_step():
     w = torch.randn(48, 64) * torch.linspace(0.1, 3, 48)[:, None]
-    q, s = quant.quantize_per_channel(w)
+    q, s = quantizers.quantize_per_channel(w)
     assert q.dtype == torch.int8 and q.abs().max() <= 127
     assert (q.abs().amax(dim=1) == 127).all()  # each row uses its full range
-    err = (quant.dequantize_per_channel(q, s) - w).abs()
+    err = (quantizers.dequantize_per_channel(q, s) - w).abs()
     assert (err <= s[:, None] / 2 + 1e-6).all()
 
 
 def test_per_token_codes_and_error():
     x = torch.randn(5, 7, 32)
     x[0, 0] = 0.0  # an all-zero row must not divide by zero
-    q, s = quant.quantize_per_token(x)
+    q, s = quantizers.quantize_per_token(x)
     assert q.shape == x.shape and s.shape == (5, 7, 1)
     assert torch.equal(q[0, 0], torch.zeros(32, dtype=torch.int8))
     assert ((q.float() * s - x).abs() <= s / 2 + 1e-6).all()
@@ -47,26 +48,26 @@ def test_per_token_codes_and_error():
 
 def test_groupwise_round_trip_and_packing():
     w = torch.randn(6, 64) + 0.3
-    codes, s, z = quant.quantize_groupwise(w, 16)
+    codes, s, z = quantizers.quantize_groupwise(w, 16)
     assert codes.dtype == torch.uint8 and int(codes.max()) <= 15 and s.shape == z.shape == (6, 4)
-    assert ((quant.dequantize_groupwise(codes, s, z) - w).abs() <= s.repeat_interleave(16, 1) / 2 + 1e-5).all()
-    assert torch.equal(quant.unpack_int4(quant.pack_int4(codes)), codes)
+    assert ((quantizers.dequantize_groupwise(codes, s, z) - w).abs() <= s.repeat_interleave(16, 1) / 2 + 1e-5).all()
+    assert torch.equal(quantizers.unpack_int4(quantizers.pack_int4(codes)), codes)
     z3 = z[:, :3]  # odd group counts are padded when packed
-    assert torch.equal(quant.unpack_zero_points(quant.pack_zero_points(z3), 6, 3), z3)
-    assert quant.pack_int4(torch.tensor([[1, 2]], dtype=torch.uint8)).item() == 0x21  # low nibble first
+    assert torch.equal(quantizers.unpack_zero_points(quantizers.pack_zero_points(z3), 6, 3), z3)
+    assert quantizers.pack_int4(torch.tensor([[1, 2]], dtype=torch.uint8)).item() == 0x21  # low nibble first
 
 
 def test_sqnr_known_values():
     ref = torch.ones(1000)
-    assert quant.sqnr_db(ref, ref * 1.1) == pytest.approx(20.0)  # signal 1000, noise 10
-    assert quant.sqnr_db(ref, ref) == math.inf
+    assert quantizers.sqnr_db(ref, ref * 1.1) == pytest.approx(20.0)  # signal 1000, noise 10
+    assert quantizers.sqnr_db(ref, ref) == math.inf
     w = torch.randn(256, 256)
-    q, s = quant.quantize_per_channel(w)
-    assert 35 < quant.sqnr_db(w, quant.dequantize_per_channel(q, s)) < 50  # ~6 dB/bit, minus the Gaussian crest
+    q, s = quantizers.quantize_per_channel(w)
+    assert 35 < quantizers.sqnr_db(w, quantizers.dequantize_per_channel(q, s)) < 50  # ~6 dB/bit, minus the Gaussian crest
 
 
 def test_smooth_scales_formula_and_fold_identity():
-    s = quant.smooth_scales(torch.tensor([4.0, 1.0, 0.0]), torch.tensor([1.0, 4.0, 2.0]), alpha=0.5)
+    s = quantizers.smooth_scales(torch.tensor([4.0, 1.0, 0.0]), torch.tensor([1.0, 4.0, 2.0]), alpha=0.5)
     assert torch.allclose(s, torch.tensor([2.0, 0.5, 1.0]))  # sqrt(4)/sqrt(1), sqrt(1)/sqrt(4), dead channel
     x, w = torch.randn(10, 3), torch.randn(5, 3)
     assert torch.allclose((x / s) @ (w * s).t(), x @ w.t(), atol=1e-5)
@@ -75,7 +76,7 @@ def test_smooth_scales_formula_and_fold_identity():
 @pytest.mark.parametrize("in_f, g, msg", [(64, 48, "does not divide in_features 64"), (64, 7, "even number")])
 def test_group_size_validation(in_f, g, msg):
     with pytest.raises(ValueError, match=msg):
-        quant.check_group_size(in_f, g, "layer.x")
+        quantizers.check_group_size(in_f, g, "layer.x")
 
 
 def test_awq_beats_rtn_on_an_outlier_channel():
@@ -83,9 +84,9 @@ def test_awq_beats_rtn_on_an_outlier_channel():
     x = torch.randn(256, 64)
     x[:, 5] *= 40  # one salient input channel
     w = torch.randn(32, 64)
-    s, alpha, errs = quant.awq_search(x, w, 16, grid=10)
+    s, alpha, errs = quantizers.awq_search(x, w, 16, grid=10)
     assert min(errs) < 0.8 * errs[0] and alpha > 0 and s[5] == s.max()
-    clip = quant.awq_clip(x, w, 16, grid=10)
+    clip = quantizers.awq_clip(x, w, 16, grid=10)
     assert clip.shape == (32, 4) and (clip <= 1).all() and (clip >= 0.5).all()
 
 
@@ -138,8 +139,8 @@ def test_int8_dynamic_replaces_every_linear(source, task):
     assert ctx.structure(gm).linears == []  # no fp32 linear left
     assert rec["fidelity"]["cosine_mean"] >= 0.99
     st = rec["stats"]
-    from optcc import qops
-    bits = 7 if qops.onnx_int8_layout() == "u8s7" else 8  # 7-bit codes where u8·s8 would saturate (no VNNI)
+    from optcc.ops import quantized
+    bits = 7 if quantized.onnx_int8_layout() == "u8s7" else 8  # 7-bit codes where u8·s8 would saturate (no VNNI)
     assert {l["bits"] for l in st["layers"]} == {bits} and min(l["sqnr_db"] for l in st["layers"]) > 30 - 6 * (8 - bits)
     assert st["weight_bytes"]["after"] < 0.3 * st["weight_bytes"]["before"]
     assert rec["after"]["flops"] == rec["before"]["flops"]  # integer MACs still count
@@ -281,7 +282,7 @@ def test_int8_artifacts_run_integer_ops_and_reload_in_a_fresh_process(tmp_path):
     assert float(res.stdout.strip().splitlines()[-1]) == 0.0
     # the terminal shows the worst layers' SQNR, the weight bytes and the pass's notes
     from rich.console import Console
-    from optcc.render import report_tables
+    from optcc.report.terminal import report_tables
 
     con = Console(record=True, width=220)
     for t in report_tables(report):
@@ -302,11 +303,11 @@ def test_decoder_int8_onnx(tmp_path):
 
 @pytest.mark.parametrize("layout", ["u8u8", "u8s8", "u8s7"])
 def test_int8_onnx_weight_layout_follows_the_cpu_or_the_override(tmp_path, monkeypatch, layout):
-    from optcc import qops
+    from optcc.ops import quantized
 
     x86 = platform.machine() in ("x86_64", "AMD64")
-    vnni = bool(qops._cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}) and x86
-    assert qops.onnx_int8_layout() == ("u8s8" if vnni else "u8s7" if x86 else "u8u8")  # auto: from this CPU
+    vnni = bool(quantized._cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}) and x86
+    assert quantized.onnx_int8_layout() == ("u8s8" if vnni else "u8s7" if x86 else "u8u8")  # auto: from this CPU
     if layout == "u8s8" and not vnni:  # emit's check would rightly fail: full-range u8·s8 saturates without VNNI
         pytest.skip("u8·s8 with 8-bit weights is only exact on CPUs with VNNI/AMX")
     monkeypatch.setenv("OPTCC_ONNX_INT8", layout)
@@ -342,13 +343,13 @@ def test_weight_only_onnx_ops(tmp_path, text, op):
 
 
 def test_int8_gemm_kernels_agree_and_the_choice_can_be_forced(monkeypatch):
-    from optcc import qops
-    from optcc.quant import quantize_per_channel
+    from optcc.ops import quantized
+    from optcc.algorithms.quantizers import quantize_per_channel
 
     monkeypatch.setenv("OPTCC_INT8_GEMM", "fp32")
-    assert qops.int8_gemm_kernel() == "fp32"
+    assert quantized.int8_gemm_kernel() == "fp32"
     monkeypatch.setenv("OPTCC_INT8_GEMM", "int_mm")
-    assert qops.int8_gemm_kernel() == "int_mm"
+    assert quantized.int8_gemm_kernel() == "int_mm"
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(64, 96, generator=g), torch.randn(48, 96, generator=g)
     wq, ws = quantize_per_channel(w)
@@ -374,20 +375,20 @@ def test_per_tensor_codes_are_onnx_dynamic_quantize_linear_codes():
              -torch.rand(8, 32, generator=gen), torch.zeros(4, 16), torch.arange(-8.0, 8.0).reshape(2, 8) / 4]
     for x in cases:
         y, s, z = sess.run(None, {"x": x.numpy()})
-        q, scale, zp = quant.quantize_per_tensor_u8(x)
+        q, scale, zp = quantizers.quantize_per_tensor_u8(x)
         assert torch.equal(q.to(torch.uint8), torch.from_numpy(y)), x.shape
         assert float(scale) == float(s) and int(zp) == int(z)
 
 
 def test_per_tensor_int8_gemm_kernels_agree(monkeypatch):
-    from optcc import qops
-    from optcc.quant import quantize_per_channel
+    from optcc.ops import quantized
+    from optcc.algorithms.quantizers import quantize_per_channel
 
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(2, 32, 96, generator=g), torch.randn(48, 96, generator=g), torch.randn(48, generator=g)
     wq, ws = quantize_per_channel(w, 63)
     outs = {}
-    kernels = ("int_mm", "fp32") + (("fbgemm",) if qops.fbgemm_exact_qmax() >= 63 else ())
+    kernels = ("int_mm", "fp32") + (("fbgemm",) if quantized.fbgemm_exact_qmax() >= 63 else ())
     for kernel in kernels:
         monkeypatch.setattr(qops, "INT8_GEMM", kernel if kernel != "fbgemm" else "fp32")
         monkeypatch.setattr(qops, "INT8_GEMM_TENSOR", kernel)
@@ -404,10 +405,10 @@ def test_fbgemm_per_tensor_kernel_is_exact_or_not_taken(monkeypatch):
     """The per-tensor op runs fbgemm only on weights whose codes it keeps exact here (probed), packs them
     once, and otherwise multiplies the same codes in fp32; its activation codes are DynamicQuantizeLinear's
     but for rare one-code differences of rounding x·(1/scale)."""
-    from optcc import qops
-    from optcc.quant import quantize_per_channel
+    from optcc.ops import quantized
+    from optcc.algorithms.quantizers import quantize_per_channel
 
-    assert qops.fbgemm_exact_qmax() in (63, 127)  # 127 with VNNI, 63 where u8·s8 pairs add in int16
+    assert quantized.fbgemm_exact_qmax() in (63, 127)  # 127 with VNNI, 63 where u8·s8 pairs add in int16
     monkeypatch.setattr(qops, "INT8_GEMM_TENSOR", "fbgemm")
     g = torch.Generator().manual_seed(1)
     x, w, b = torch.randn(512, 256, generator=g) * 2, torch.randn(64, 256, generator=g), torch.randn(64, generator=g)
@@ -416,16 +417,16 @@ def test_fbgemm_per_tensor_kernel_is_exact_or_not_taken(monkeypatch):
         wq, ws = quantize_per_channel(w, qmax)
         w_t = wq.t().contiguous()
         y = torch.ops.optcc.linear_dq_int8_tensor(x, w_t, ws, b)
-        taken = qmax <= qops.fbgemm_exact_qmax()
-        assert (qops._fbgemm_weights(w_t) is not None) == taken
-        packed = qops._fbgemm_weights(w_t)
+        taken = qmax <= quantized.fbgemm_exact_qmax()
+        assert (quantized._fbgemm_weights(w_t) is not None) == taken
+        packed = quantized._fbgemm_weights(w_t)
         assert torch.equal(torch.ops.optcc.linear_dq_int8_tensor(x, w_t, ws, b), y)
         if taken:
-            assert qops._fbgemm_weights(w_t) is packed  # packed once
+            assert quantized._fbgemm_weights(w_t) is packed  # packed once
         monkeypatch.setattr(qops, "INT8_GEMM_TENSOR", "fp32")
         ref = torch.ops.optcc.linear_dq_int8_tensor(x, w_t, ws, b)
         monkeypatch.setattr(qops, "INT8_GEMM_TENSOR", "fbgemm")
-        q, s, zp = quant.quantize_per_tensor_u8(x)
+        q, s, zp = quantizers.quantize_per_tensor_u8(x)
         step = float(s) * (wq.abs().to(torch.float32) * ws[:, None]).max()  # one activation code's largest effect
         rows_off = ((y - ref).abs() > 1e-4 * ref.abs().max()).any(1)
         assert (y - ref).abs().max() <= 2 * step and rows_off.float().mean() <= 0.01, (qmax, rows_off.sum())
@@ -434,16 +435,16 @@ def test_fbgemm_per_tensor_kernel_is_exact_or_not_taken(monkeypatch):
     wq, ws = quantize_per_channel(w, 63)
     w_t = wq.t().contiguous()
     before = torch.ops.optcc.linear_dq_int8_tensor(x, w_t, ws, b)
-    packed = qops._fbgemm_weights(w_t)
+    packed = quantized._fbgemm_weights(w_t)
     w_t.neg_()  # a weight changed in place is packed again
     after = torch.ops.optcc.linear_dq_int8_tensor(x, w_t, ws, b)
-    assert qops._fbgemm_weights(w_t) is not packed
+    assert quantized._fbgemm_weights(w_t) is not packed
     torch.testing.assert_close(after - b, -(before - b), rtol=1e-4, atol=1e-3)
     copied = copy.deepcopy(w_t)  # a copy is packed on its own; the handle is no attribute to copy or save
     assert not w_t.__dict__ and torch.equal(torch.ops.optcc.linear_dq_int8_tensor(x, copied, ws, b), after)
     key = id(w_t)
     del w_t, copied
-    assert key not in qops._FBGEMM_PACKED  # dropped with its tensor
+    assert key not in quantized._FBGEMM_PACKED  # dropped with its tensor
 
 
 @pytest.mark.parametrize("layout", [None, "u8u8"])  # this CPU's choice, and uint8 weights with a zero point
@@ -454,10 +455,10 @@ def test_per_tensor_activations_run_one_fused_onnx_op_per_linear(tmp_path, monke
                            task="feature-extraction")
     st = report["passes"][0]["stats"]
     assert st["kernels"]["activations"] == "per-tensor" and "DynamicQuantizeMatMul" in st["kernels"]["onnx"]
-    from optcc import qops
+    from optcc.ops import quantized
     # this CPU's layout fits torch's fbgemm int8 GEMM where torch has one; 8-bit uint8 weights only with VNNI
-    fits = qops.fbgemm_exact_qmax() >= (127 if layout else qops.int8_weight_qmax())
-    assert st["kernels"]["torch_int8_gemm"] == ("fbgemm" if fits else qops.INT8_GEMM)
+    fits = quantized.fbgemm_exact_qmax() >= (127 if layout else quantized.int8_weight_qmax())
+    assert st["kernels"]["torch_int8_gemm"] == ("fbgemm" if fits else quantized.INT8_GEMM)
     ops_ = [n.op_type for n in model.graph.node]
     assert ops_.count("DynamicQuantizeMatMul") == st["quantized"] == 19
     assert "MatMulIntegerToFloat" not in ops_ and "QuantizeLinear" not in ops_ and _weight_matmuls(model) == []

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from optcc.errors import RecipeError
-from optcc.recipe import load_recipe, parse_recipe, recipe_json_schema
+from optcc.config.recipe import load_recipe, parse_recipe, recipe_json_schema
 
 GOOD = """
 version: 1

@@ -6,14 +6,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from conftest import HANDWRITTEN, write_recipe
-from optcc import merge as M
+from optcc.algorithms import tome as M
 from optcc.api import apply, prepare
-from optcc.capture import capture, flat_outputs, run_graph
-from optcc.context import PassContext
+from optcc.graph.capture import capture, flat_outputs, run_graph
+from optcc.pipeline.context import PassContext
 from optcc.errors import PassError, RecipeError
-from optcc.manager import run_passes
-from optcc.probe import record
-from optcc.recipe import parse_recipe
+from optcc.pipeline.manager import run_passes
+from optcc.graph.probe import record
+from optcc.config.recipe import parse_recipe
 from tests.models.handwritten import Layer
 
 
@@ -236,7 +236,7 @@ def test_vit_tokens_shrink_as_scheduled():
     assert sum(b["flops_before"] for b in per_block) <= rec["before"]["flops"]
     assert 0 < st["block_flops_saved"] < 1
     from rich.console import Console
-    from optcc.render import _tokens_table
+    from optcc.report.terminal import _tokens_table
     con = Console(record=True, width=200)
     con.print(_tokens_table({"name": "token_merge", "step": 1, "stats": st}))
     text = con.export_text()  # what `optcc apply` shows per block

@@ -8,7 +8,7 @@ on first launch):
   CPU / any device: the torch reference. CUDA: the Triton kernel.
 - optcc::tome_match(metric, protected, valid?) -> (node_max, node_idx) — ToMe's
   fused A·Bᵀ row max/argmax (see tome.py). CPU: torch reference. CUDA: Triton.
-- a CUDA kernel for the quantize pass's optcc::linear_w4 (optcc/qops.py): same
+- a CUDA kernel for the quantize pass's optcc::linear_w4 (optcc/quantized.py): same
   layout, so a model.pt2 quantized on CPU runs the Triton kernel when loaded on a
   GPU; its CPU implementation is untouched.
 
@@ -21,8 +21,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from optcc.kernels.int4_matmul import int4_matmul, int4_matmul_reference, int4_matmul_triton
-from optcc.kernels.tome import (bipartite_match, match_scores_reference, match_scores_triton, merge,
+from optcc.ops.kernels.int4_matmul import int4_matmul, int4_matmul_reference, int4_matmul_triton
+from optcc.ops.kernels.tome_triton import (bipartite_match, match_scores_reference, match_scores_triton, merge,
                                 merge_triton)
 
 __all__ = ["int4_matmul", "int4_matmul_reference", "int4_matmul_triton", "bipartite_match", "merge",
@@ -74,15 +74,15 @@ def _(metric, protected, valid):
 def _linear_w4_cuda(x: Tensor, w_packed: Tensor, scales: Tensor, zeros: Tensor, bias: Optional[Tensor],
                     in_features: int, group_size: int, accuracy_level: int) -> Tensor:
     # The dispatcher passes every schema argument, so the signature must be linear_w4's in full.
-    # qops.linear_w4 stores exactly this kernel's layout (w_packed [out, groups, group/2]);
+    # quantized.linear_w4 stores exactly this kernel's layout (w_packed [out, groups, group/2]);
     # accuracy_level only means something to onnxruntime's MatMulNBits.
     return int4_matmul_triton(x, w_packed, scales, zeros, group_size, bias)
 
 
 def _register_linear_w4_cuda() -> bool:
-    """Attach the Triton kernel to optcc::linear_w4 on CUDA, if the op exists (optcc.qops is
+    """Attach the Triton kernel to optcc::linear_w4 on CUDA, if the op exists (optcc.ops.quantized is
     imported by `import optcc`). Returns whether it was attached."""
-    from optcc import qops  # noqa: F401  registers optcc::linear_w4
+    from optcc.ops import quantized  # noqa: F401  registers optcc::linear_w4
 
     if not hasattr(torch.ops.optcc, "linear_w4"):
         return False

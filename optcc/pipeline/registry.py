@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Callable
 if TYPE_CHECKING:
     import torch.fx
 
-    from optcc.context import PassContext
+    from optcc.pipeline.context import PassContext
 
 
 @dataclass
@@ -36,7 +36,7 @@ class PassSpec:
     # The graph rounds values to integer codes (quantization). Its artifacts compute the same
     # codes in another runtime, where float rounding can move a value across a rounding boundary
     # and flip one code, so emit checks them against the graph's own quantization error rather
-    # than a fixed tolerance (optcc.emit.verify).
+    # than a fixed tolerance (optcc.export.emit.verify).
     rounds: bool
     after: tuple[str, ...]  # if present in a recipe, these passes must come earlier
     tasks: tuple[str, ...] | None  # tasks the pass accepts (None = any)

@@ -26,8 +26,8 @@ from typing import Optional
 import torch
 
 from optcc.errors import RecipeError
-from optcc.intake import LoadedModel, make_inputs
-from optcc.recipe import Recipe
+from optcc.intake.load import LoadedModel, make_inputs
+from optcc.config.recipe import Recipe
 from optcc.zoo import data as zoo
 
 SENTENCES = zoo.zoo_dir() / "sentences.jsonl"
@@ -126,9 +126,9 @@ def _tokenizer(lm: LoadedModel):
 
 def _model_folder(lm: LoadedModel) -> Optional[Path]:
     if lm.source.startswith("builtin:"):
-        from optcc import builtins
+        from optcc.intake import builtin
 
-        built = builtins.resolve(lm.source.split(":", 1)[1]).build
+        built = builtin.resolve(lm.source.split(":", 1)[1]).build
         out = built()
         return out if isinstance(out, Path) else None
     p = Path(lm.source)

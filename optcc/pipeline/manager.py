@@ -12,15 +12,15 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
-from optcc import registry
-from optcc.capture import run_graph
-from optcc.context import PassContext
+from optcc.pipeline import registry
+from optcc.graph.capture import run_graph
+from optcc.pipeline.context import PassContext
 from optcc.errors import OptccError, PassError
-from optcc.graphdiff import diff_lines, per_block, snapshot
-from optcc.metrics import fidelity
-from optcc.recipe import PassStep
-from optcc.schema import to_dict
-from optcc.stats import graph_stats, prune_unused
+from optcc.graph.diff import diff_lines, per_block, snapshot
+from optcc.measure.metrics import fidelity
+from optcc.config.recipe import PassStep
+from optcc.config.schema import to_dict
+from optcc.graph.stats import graph_stats, prune_unused
 
 LOSSLESS_ATOL = 1e-4
 

@@ -1,5 +1,5 @@
 """The explicit KV cache of a captured decoder graph, for passes that remove or re-route
-cache slots (kv_share, layer_skip). Graph surgery only; see optcc/decoder.py for the layout:
+cache slots (kv_share, layer_skip). Graph surgery only; see optcc/intake/decoder.py for the layout:
 inputs are the plain inputs then past_<kind>_<layer>; outputs mirror them (logits, then one
 present per past, in the same order)."""
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from optcc.errors import PassError
-from optcc.stats import is_impure_at_inference
+from optcc.graph.stats import is_impure_at_inference
 
 aten = torch.ops.aten
 

@@ -18,10 +18,10 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from optcc import kvmath
-from optcc.capture import capture, flat_outputs, load_exported
+from optcc.algorithms import kvmath
+from optcc.graph.capture import capture, flat_outputs, load_exported
 from optcc.errors import ExportError
-from optcc.metrics import fidelity
+from optcc.measure.metrics import fidelity
 
 
 @dataclass
@@ -73,7 +73,7 @@ def _quiet():
 
 
 # Custom torch.library ops → onnxscript translation functions. Filled by the modules
-# that define custom ops (optcc.qops registers on `import optcc`); emit stays ignorant
+# that define custom ops (optcc.ops.quantized registers on `import optcc`); emit stays ignorant
 # of what they are and hands the table to torch.onnx.export.
 ONNX_TRANSLATIONS: dict[Callable, Callable] = {}
 

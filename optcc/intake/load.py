@@ -18,10 +18,10 @@ from typing import Any, Optional
 
 import torch
 
-from optcc import builtins
-from optcc.capture import load_exported
+from optcc.intake import builtin
+from optcc.graph.capture import load_exported
 from optcc.errors import IntakeError
-from optcc.recipe import TASKS, Inputs
+from optcc.config.recipe import TASKS, Inputs
 
 _AUTO = {
     "text-generation": "AutoModelForCausalLM",
@@ -57,7 +57,7 @@ def load_model(source: str, task: Optional[str] = None, weights: Optional[str] =
         raise IntakeError(f"--task {task}: unknown task", f"use one of {', '.join(TASKS)}")
     zoo = None
     if source.startswith("builtin:"):
-        b = builtins.resolve(source.split(":", 1)[1])
+        b = builtin.resolve(source.split(":", 1)[1])
         built = b.build()
         task = task or b.task
         if isinstance(built, Path):

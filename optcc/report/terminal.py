@@ -9,8 +9,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.tree import Tree
 
-from optcc.report import human_bytes
-from optcc.structure import Structure
+from optcc.report.markdown import human_bytes
+from optcc.graph.structure import Structure
 
 
 def _f(x: Any, d: int = 3) -> str:

@@ -12,7 +12,7 @@ from typing import Callable
 
 from optcc.errors import IntakeError
 
-ZOO = Path(__file__).resolve().parent / "zoo"
+ZOO = Path(__file__).resolve().parents[1] / "zoo"
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,7 @@ BUILTINS: dict[str, Builtin] = {
 
 def resolve(name: str) -> Builtin:
     if name not in BUILTINS:
-        from optcc.schema import did_you_mean
+        from optcc.config.schema import did_you_mean
 
         hint = did_you_mean(name, BUILTINS) or f"available: {', '.join(BUILTINS)}"
         raise IntakeError(f"builtin:{name}: no such built-in model", hint)

@@ -7,8 +7,8 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
-from optcc.decoder import CacheSpec, own_inputs
-from optcc.structure import Structure, analyze, mark_causal
+from optcc.intake.decoder import CacheSpec, own_inputs
+from optcc.graph.structure import Structure, analyze, mark_causal
 
 ProgressFn = Callable[[str, int], Callable[[int], None]]
 

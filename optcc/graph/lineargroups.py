@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from optcc.errors import PassError
-from optcc.structure import Linear, attr_at, module_classes, module_path
+from optcc.graph.structure import Linear, attr_at, module_classes, module_path
 
 aten = torch.ops.aten
 # Ops that hand the same values on unchanged (as long as the last dim is kept).

@@ -1,7 +1,7 @@
 """ToMe bipartite soft matching and size-weighted merge: Triton kernels behind
-the interface and semantics of optcc/merge.py (which stays the torch reference).
+the interface and semantics of optcc/algorithms/tome.py (which stays the torch reference).
 
-Semantics (optcc.merge.bipartite_soft_matching): metric [B, T, D] is already
+Semantics (optcc.algorithms.tome.bipartite_soft_matching): metric [B, T, D] is already
 L2-normalised (merge.key_metric; nothing here normalises); A = even tokens,
 B = odd tokens; every A token's best B partner by cosine; padding pairs get
 PAD_SCORE / MIXED_SCORE (merge._pair_scores); protected tokens' rows and
@@ -12,13 +12,13 @@ a row max and argmax. `match_scores_triton` fuses the two: each program holds
 a tile of A rows and walks B in tiles, keeping a running (max, argmax), so the
 score matrix never exists in memory. Ties resolve to the lowest B index (as
 torch.max does on CPU). The r-of-ceil(T/2) topk and index bookkeeping that
-follow are tiny and stay in torch, written exactly as optcc/merge.py does.
+follow are tiny and stay in torch, written exactly as optcc/algorithms/tome.py does.
 
 `merge_triton` computes merge.merge_wavg's result one output row per program:
 a kept token's new value is (x·size + Σ over sources merged into it of
 x_src·size_src·ok) / (size + Σ size_src·ok); rows without sources are copied.
 
-Differences from optcc/merge.py (documented, tested to tight tolerance):
+Differences from optcc/algorithms/tome.py (documented, tested to tight tolerance):
 scores come from tl.dot (fp32, "ieee" precision) instead of torch.matmul, so
 node_max can differ in the last bits; an argmax or topk between two partners
 closer than that can then pick the other one. Sums over sources run in a
@@ -33,8 +33,8 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from optcc import merge as ref
-from optcc.merge import MIXED_SCORE, PAD_SCORE, Match
+from optcc.algorithms import tome as ref
+from optcc.algorithms.tome import MIXED_SCORE, PAD_SCORE, Match
 
 
 # ------------------------------------------------------------ torch reference ---

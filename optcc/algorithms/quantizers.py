@@ -35,7 +35,7 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 per row (token). x: [..., in] → (q int8 [..., in], scale f32 [..., 1]).
 
     The order of operations (amax/127, then the floor at EPS, then x/scale and
-    round-half-even) is the one the ONNX translation in optcc.qops uses, so the
+    round-half-even) is the one the ONNX translation in optcc.ops.quantized uses, so the
     torch and ONNX artifacts produce the same integer codes.
     """
     scale = (x.abs().amax(dim=-1, keepdim=True) / QMAX8).clamp_min(EPS)

@@ -12,10 +12,10 @@ from typing import Any, Literal, Optional
 
 import yaml
 
-from optcc import registry as reg
+from optcc.pipeline import registry as reg
 from optcc.errors import RecipeError
-from optcc.gates import EXPR, METRICS
-from optcc.schema import Located, build_dataclass, convert, did_you_mean, field, json_schema, parse_yaml, to_dict, _Ctx
+from optcc.config.gates import EXPR, METRICS
+from optcc.config.schema import Located, build_dataclass, convert, did_you_mean, field, json_schema, parse_yaml, to_dict, _Ctx
 
 RECIPE_VERSION = 1
 TASKS = ("image-classification", "text-classification", "feature-extraction", "text-generation", "tensor")

@@ -8,8 +8,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from optcc.bench import percentile
-from optcc.decoder import CacheSpec, Step, generate
+from optcc.measure.latency import percentile
+from optcc.intake.decoder import CacheSpec, Step, generate
 
 
 def bench_generation(steps: dict[str, Step], spec: CacheSpec, prompt: torch.Tensor, new_tokens: int,

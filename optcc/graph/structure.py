@@ -398,7 +398,7 @@ _PAST = re.compile(r"^past_(key|value)_(\d+)$")
 
 
 def _map_cache(gm: fx.GraphModule, blocks: list[Block]) -> None:
-    """Attach explicit KV-cache inputs (past_key_i / past_value_i, see optcc/decoder.py) to
+    """Attach explicit KV-cache inputs (past_key_i / past_value_i, see optcc/intake/decoder.py) to
     the attention that reads them; the matching outputs are present_key_i / present_value_i."""
     # An explicit-softmax attention reads V after its softmax (probs·v): stop at the nodes that read K and V.
     by_node = {name: b.attention for b in blocks if b.attention for name in b.attention.reads_kv}

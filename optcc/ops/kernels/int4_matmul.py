@@ -1,7 +1,7 @@
 """int4 group-wise weight-only matmul: torch reference and a Triton kernel.
 
 Weight layout — the one passes/quantize.py writes for optcc::linear_w4, which is
-onnxruntime's MatMulNBits layout (see optcc/quant.py):
+onnxruntime's MatMulNBits layout (see optcc/algorithms/quantizers.py):
 
 - qweight: uint8 [N, K/2] or [N, groups, group_size/2]. Codes are unsigned 4-bit
   values in [0, 15], packed along K two per byte with the EVEN k in the LOW
@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from optcc.quant import unpack_int4, unpack_zero_points
+from optcc.algorithms.quantizers import unpack_int4, unpack_zero_points
 
 DEFAULT_ZERO = 8  # MatMulNBits' zero point when none is given (2^(bits-1))
 
@@ -61,7 +61,7 @@ def dequantize(qweight: Tensor, scales: Tensor, zeros: Optional[Tensor], group_s
 def int4_matmul_reference(x: Tensor, qweight: Tensor, scales: Tensor, zeros: Optional[Tensor],
                           group_size: int, bias: Optional[Tensor] = None) -> Tensor:
     """Plain torch: unpack → dequantize → fp32 matmul. x: [..., K] → [..., N] in x's dtype.
-    Same arithmetic as optcc.qops.linear_w4 (which F.linear's the dequantized weight)."""
+    Same arithmetic as optcc.ops.quantized.linear_w4 (which F.linear's the dequantized weight)."""
     w = dequantize(qweight, scales, zeros, group_size)
     y = x.float() @ w.t()
     if bias is not None:

@@ -1,0 +1,1 @@
+"""Stage 2, model intake: a model source → nn.Module, task and example inputs (load.py), built-in models (builtin.py), calibration/evaluation data (data.py) and the explicit-KV-cache decoder form (decoder.py)."""

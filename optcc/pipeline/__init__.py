@@ -1,0 +1,1 @@
+"""Stage 4, the pass pipeline: the pass contract and registry (registry.py), what a pass gets (context.py) and the manager that runs and checks passes (manager.py). The passes themselves are optcc.passes."""
