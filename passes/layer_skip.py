@@ -33,7 +33,8 @@ from optcc.graph.probe import record
 from optcc.pipeline.registry import PassResult, register
 from optcc.config.schema import field
 from optcc.graph.stats import is_impure_at_inference
-from optcc.graph.structure import LINEAR, NORM_OPS, Block, Structure, module_classes, module_path, module_paths
+from optcc.graph.fx import is_norm, module_path, module_paths, node_order
+from optcc.graph.structure import LINEAR, Block, Structure
 
 SELECTS = ("influence", "angular", "explicit")
 GRANULARITIES = ("block", "attention", "mlp")
@@ -118,11 +119,6 @@ def _members(gm: fx.GraphModule, path: str) -> set[fx.Node]:
     return {n for n in gm.graph.nodes if n.op == "call_function" and path in module_paths(n)}
 
 
-def _is_norm(n: fx.Node) -> bool:
-    classes = module_classes(n)
-    return n.target in NORM_OPS or (bool(classes) and "norm" in classes[-1].lower())
-
-
 def _descendants(start: fx.Node, limit: fx.Node, order: dict) -> set[fx.Node]:
     """Nodes reachable from `start` that come no later than `limit` in graph order."""
     seen, todo = {start}, [start]
@@ -163,7 +159,7 @@ def _sublayer_cut(gm, s: Structure, b: Block, kind: str, order: dict) -> Optiona
         return None
     replaced = add
     if b.norm_position == "post":
-        norms = [u for u in add.users if _is_norm(u)]
+        norms = [u for u in add.users if is_norm(u)]
         if len(norms) != 1:
             return None
         replaced = _norm_output(gm, norms[0])
@@ -172,7 +168,7 @@ def _sublayer_cut(gm, s: Structure, b: Block, kind: str, order: dict) -> Optiona
 
 
 def candidates(gm: fx.GraphModule, s: Structure, granularity: str) -> list[Cut]:
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    order = node_order(gm.graph)
     nodes = _nodes(gm)
     out = []
     for b in s.blocks:
@@ -291,7 +287,7 @@ def _select(gm, ctx, s: Structure, cfg: Config, cuts: list[Cut], keep: set[int])
 def _cut(gm: fx.GraphModule, cuts: list[Cut]) -> dict:
     """Rewire the residual stream around each cut; decoders lose the removed attentions'
     cache slots. Returns the removed cache inputs and KV bytes per token (decoders)."""
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    order = node_order(gm.graph)
     # Latest first: a later cut may hand its uses to a node an earlier cut then replaces.
     for c in sorted(cuts, key=lambda c: order[c.replaced], reverse=True):
         c.replaced.replace_all_uses_with(c.replacement, delete_user_cb=lambda u, inside=c.inside: u not in inside)

@@ -24,6 +24,7 @@ import torch.fx as fx
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from optcc.algorithms import tome as M
+from optcc.compat import fake_mode_of
 from optcc.graph.capture import flat_outputs
 from optcc.pipeline.context import PassContext
 from optcc.errors import PassError
@@ -31,7 +32,8 @@ from optcc.graph.probe import placeholder_args, record
 from optcc.pipeline.registry import PassResult, register
 from optcc.config.schema import field
 from optcc.graph.stats import flops_by_node
-from optcc.graph.structure import Block, NORM_OPS, Structure, module_path
+from optcc.graph.fx import NORM_OPS, module_path, node_order
+from optcc.graph.structure import Block, Structure
 
 aten = torch.ops.aten
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
@@ -373,7 +375,7 @@ def _inline(gm, module: torch.nn.Module, ins: list[fx.Node], shapes: list[tuple[
         raise PassError("internal: the traced merge step has unexpected inputs", "run with --debug and report it")
     stack = dict(anchor.meta.get("nn_module_stack", {}))
     stack["token_merge"] = (f"{b.path}.token_merge", "TokenMerge")
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    order = node_order(gm.graph)
     after = max([anchor] + ins, key=order.__getitem__)  # hand-made inputs (the padding flags) may follow the anchor
     before = set(order)
     with gm.graph.inserting_before(after.next):
@@ -388,7 +390,7 @@ def _inline(gm, module: torch.nn.Module, ins: list[fx.Node], shapes: list[tuple[
 def _reweight_means(gm, last: fx.Node, size: fx.Node, old_shapes) -> int:
     """Mean over the token dim after the last merge -> size-weighted mean (each token stands for `size` inputs)."""
     g, count = gm.graph, 0
-    order = {n: i for i, n in enumerate(g.nodes)}
+    order = node_order(g)
     for n in list(g.nodes):
         if n.target != aten.mean.dim or order[n] < order[last] or n.kwargs.get("dtype") is not None:
             continue
@@ -502,7 +504,7 @@ def _fix_shapes(gm, ctx: PassContext, old, unmerge: bool) -> None:
 def _refresh_meta(gm) -> None:
     """Re-derive meta['val'] (symbolic batch) so later passes see the merged shapes."""
     vals = [n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder"]
-    mode = torch._guards.detect_fake_mode(vals)
+    mode = fake_mode_of(vals)
     if mode is None:
         return
     with mode:

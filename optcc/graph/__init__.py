@@ -1,1 +1,1 @@
-"""Stage 3, graph capture and analysis: torch.export capture (capture.py), shared fx helpers (fx.py), structure discovery (structure.py) and read-only views passes build on (cacheio, lineargroups, probe, stats, diff)."""
+"""Stage 3, graph capture and analysis: torch.export capture (capture.py), shared fx helpers (fx.py), structure discovery (structure.py) and read-only views passes build on (cacheio, lineargroups, probe, stats, snapshot)."""

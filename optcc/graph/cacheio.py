@@ -9,8 +9,8 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 
+from optcc.compat import set_flat_signature
 from optcc.errors import PassError
 from optcc.graph.stats import is_impure_at_inference
 
@@ -52,7 +52,7 @@ class CacheIO:
         for p in keep:  # placeholders come first, in signature order
             prev.append(p)
             prev = p
-        sync_signature(self.gm)
+        set_flat_signature(self.gm)
 
     def drop(self, names: set[str]) -> None:
         """Remove these slots (e.g. key_3, value_3) from the cache; shape reads of a removed
@@ -79,25 +79,6 @@ def fake_like(val: torch.Tensor, shape: tuple, dtype: Optional[torch.dtype] = No
     mode = getattr(val, "fake_mode", None)
     with mode if mode is not None else contextlib.nullcontext():
         return torch.empty(shape, dtype=dtype or val.dtype)
-
-
-def node_order(g: fx.Graph):
-    """Sort key: a node's position in the graph."""
-    index = {n: k for k, n in enumerate(g.nodes)}
-    return lambda n: index[n]
-
-
-def sync_signature(gm: fx.GraphModule) -> None:
-    """torch.export graphs flatten (args, kwargs) with a recorded pytree spec; make it name the
-    current placeholders and output leaves."""
-    cg = gm.graph._codegen
-    if isinstance(cg, fx.graph._PyTreeCodeGen):
-        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-        leaves = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-        cg.pytree_info = cg.pytree_info._replace(
-            orig_args=names, in_spec=pytree.tree_structure(((), {k: 0 for k in names})),
-            out_spec=pytree.tree_structure(tuple(0 for _ in leaves)))
-    gm.recompile()
 
 
 def retarget_sizes(node: fx.Node, to: fx.Node) -> None:

@@ -8,8 +8,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 
+
+from optcc.compat import tree_leaves
 from optcc.errors import ExportError
 
 _SEQ_INPUTS = ("input_ids", "attention_mask", "token_type_ids", "position_ids")
@@ -93,7 +94,7 @@ def flat_outputs(out: Any) -> list[torch.Tensor]:
     """Tensor leaves of a model output (tensor, tuple, dict or HF ModelOutput), in order."""
     if hasattr(out, "to_tuple"):
         out = out.to_tuple()
-    return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
+    return [x for x in tree_leaves(out) if isinstance(x, torch.Tensor)]
 
 
 def output_names(out: Any) -> list[str]:

@@ -16,7 +16,8 @@ import torch
 import torch.fx as fx
 
 from optcc.errors import PassError
-from optcc.graph.structure import Linear, attr_at, module_classes, module_path
+from optcc.graph.fx import attr_at, is_norm, module_path
+from optcc.graph.structure import Linear
 
 aten = torch.ops.aten
 # Ops that hand the same values on unchanged (as long as the last dim is kept).
@@ -75,7 +76,7 @@ def _norm_params(gm: fx.GraphModule, n: fx.Node, width: int) -> tuple[Optional[f
         w, b = (n.args[2] if len(n.args) > 2 else None), (n.args[3] if len(n.args) > 3 else None)
     elif n.target == aten.rms_norm.default:
         w, b = (n.args[2] if len(n.args) > 2 else None), None
-    elif n.target == aten.mul.Tensor and module_classes(n) and "norm" in module_classes(n)[-1].lower():
+    elif n.target == aten.mul.Tensor and is_norm(n):
         # RMSNorm written out (HF Llama): weight * normalized
         w = next((a for a in n.args if isinstance(a, fx.Node) and a.op == "get_attr"
                   and tuple(attr_at(gm, a.target).shape) == (width,)), None)

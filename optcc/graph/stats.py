@@ -6,7 +6,7 @@ import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
 from optcc.graph.probe import placeholder_args
-from optcc.graph.structure import attr_at
+from optcc.graph.fx import attr_at
 
 
 def used_attrs(gm: fx.GraphModule) -> set[str]:

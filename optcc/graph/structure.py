@@ -1,6 +1,7 @@
 """Structure analysis: find blocks, attention, MLPs, norms, embeddings and the head
-in a captured graph, from module paths (nn_module_stack) and op patterns — never
-from model class names. Read-only: passes get a Structure and do the surgery.
+in a captured graph, from module paths (nn_module_stack) and op patterns — not
+from model class names (the one exception, a norm written out in elementwise ops, is
+graph/fx.is_norm). Read-only: passes get a Structure and do the surgery.
 """
 from __future__ import annotations
 
@@ -13,13 +14,13 @@ import torch
 import torch.fx as fx
 
 from optcc.errors import PassError
+from optcc.graph.fx import attr_at, is_norm, module_path, module_paths, node_order
 
 aten = torch.ops.aten
 SDPA = {aten.scaled_dot_product_attention.default}
 SOFTMAX = {aten._softmax.default, aten.softmax.int}
 LINEAR = {aten.linear.default, aten.addmm.default}
 ADD = {aten.add.Tensor}
-NORM_OPS = {aten.layer_norm.default, aten.rms_norm.default}
 _INDEXED = re.compile(r"^(.*)\.(\d+)$")
 
 
@@ -105,23 +106,6 @@ class Structure:
                             "whose layers are separate modules")
 
 
-def module_path(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack") or {}
-    return list(stack.values())[-1][0] if stack else ""
-
-
-def module_paths(node: fx.Node) -> list[str]:
-    return [v[0] for v in (node.meta.get("nn_module_stack") or {}).values()]
-
-
-def module_classes(node: fx.Node) -> list[str]:
-    out = []
-    for v in (node.meta.get("nn_module_stack") or {}).values():
-        cls = v[1]
-        out.append(cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls)))
-    return out
-
-
 def _val(node: fx.Node):
     return node.meta.get("val") if isinstance(node, fx.Node) else None
 
@@ -148,16 +132,6 @@ def linear_info(gm: fx.GraphModule, node: fx.Node) -> Optional[Linear]:
         return None
     in_f, out_f = (weight.shape[0], weight.shape[1]) if transposed else (weight.shape[1], weight.shape[0])
     return Linear(module_path(node), node.name, w.target, int(in_f), int(out_f), transposed)
-
-
-def attr_at(gm: torch.nn.Module, target: str):
-    """The object at a dotted get_attr target (a parameter, buffer or module), None if there is none."""
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
 
 
 def _walk(start: Iterable[fx.Node], step, stop) -> list[fx.Node]:
@@ -187,7 +161,7 @@ def analyze(gm: fx.GraphModule) -> Structure:
     linears = {n: li for n in nodes if (li := linear_info(gm, n)) is not None}
     container, indices = _find_container(nodes)
     blocks = []
-    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    order = node_order(gm.graph)
     for idx in indices:
         path = f"{container}.{idx}" if container else str(idx)
         members = [n for n in nodes if path in module_paths(n)]
@@ -265,13 +239,13 @@ def _analyze_block(gm, idx, path, members, linears, order) -> Optional[Block]:
         common = _common_prefix([l.path for l in mlp_lin])
         gated = len(mlp_lin) >= 3
         mlp = MLP(common or path, [l.path for l in mlp_lin], down, gated)
-    norms = sorted({module_path(n) for n in members if n.target in NORM_OPS or _is_norm_module(n)},
+    norms = sorted({module_path(n) for n in members if is_norm(n)},
                    key=lambda p: min(order[n] for n in members if module_path(n) == p))
     norm_position = "unknown"
     if attn_res is not None:
         addn = _by_name(gm, attn_res)
         after = [u for u in addn.users if u in member_set]
-        norm_position = "post" if any(_is_norm_node(u) for u in after) and not _is_norm_node_any_before(inp, member_set) else "pre"
+        norm_position = "post" if any(is_norm(u) for u in after) and not _is_norm_node_any_before(inp, member_set) else "pre"
     return Block(idx, path, inp.name, output.name, attention, mlp, attn_res, mlp_res, norms, norm_position)
 
 
@@ -282,18 +256,11 @@ def _calls(members: list[fx.Node], path: str) -> int:
     return max(1, len(keys))
 
 
-def _is_norm_module(n: fx.Node) -> bool:
-    classes = module_classes(n)
-    return bool(classes) and "norm" in classes[-1].lower()
-
-
-def _is_norm_node(n: fx.Node) -> bool:
-    return n.target in NORM_OPS or _is_norm_module(n)
 
 
 def _is_norm_node_any_before(inp: fx.Node, member_set: set) -> bool:
     # pre-norm: the block input feeds a norm directly
-    return any(_is_norm_node(u) for u in inp.users if u in member_set)
+    return any(is_norm(u) for u in inp.users if u in member_set)
 
 
 def _common_prefix(paths: list[str]) -> str:
@@ -431,7 +398,7 @@ def _outside(nodes, blocks, linears, order, gm):
         if order[n] <= order[last_out]:
             continue
         p = module_path(n)
-        if _is_norm_node(n) and p not in final_norms:
+        if is_norm(n) and p not in final_norms:
             final_norms.append(p)
         if n in linears and p not in head:
             head.append(p)

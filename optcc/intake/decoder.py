@@ -15,6 +15,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from optcc.compat import forward_with_inputs, no_guard_module, size_oblivious_shapes  # noqa: F401  (no_guard_module: re-exported)
 from optcc.errors import IntakeError
 
 
@@ -130,9 +131,7 @@ def wrap(model: torch.nn.Module, source: str) -> tuple[KVWrapper, CacheSpec]:
                           "and num_layers (see docs/generation.md)")
     names = [f"past_{kind}_{i}" for i in range(layers) for kind in ("key", "value")]
     # forward(self, input_ids, past_key_0, past_value_0, ...): one named input per cache tensor.
-    ns: dict = {}
-    exec(f"def forward(self, input_ids, {', '.join(names)}):\n    return self.run(input_ids, [{', '.join(names)}])\n", ns)
-    cls = type("KVModule", (KVWrapper,), {"forward": ns["forward"]})
+    cls = type("KVModule", (KVWrapper,), {"forward": forward_with_inputs(["input_ids", *names], "self.run")})
     wrapper = cls(model, layers).eval()
     with torch.no_grad():
         probe = wrapper.run(torch.zeros(1, 2, dtype=torch.long), _probe_past(model, layers))
@@ -191,26 +190,8 @@ def export_mode(spec: CacheSpec) -> Iterator[None]:
     if all(s["length"] == "past" for s in spec.slot_list()):
         yield
         return
-    import torch.fx.experimental._config as fx_config
-
-    with fx_config.patch(backed_size_oblivious=True):
+    with size_oblivious_shapes():
         yield
-
-
-@contextlib.contextmanager
-def no_guard_module() -> Iterator[None]:
-    """torch 2.13's generated input-guard module fails on graphs with a KV cache (it
-    raises on valid inputs, e.g. a zero-length past); ONNX export builds that module
-    internally. Skip generating it while exporting or loading a decoder; shapes are
-    still checked by our own verification of every artifact."""
-    from torch.export import _unlift
-
-    original = _unlift._ok_to_generate_guards_fn
-    _unlift._ok_to_generate_guards_fn = lambda: False
-    try:
-        yield
-    finally:
-        _unlift._ok_to_generate_guards_fn = original
 
 
 Step = Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]

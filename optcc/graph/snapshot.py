@@ -9,7 +9,7 @@ from collections import Counter
 import torch
 import torch.fx as fx
 
-from optcc.graph.structure import attr_at, module_path
+from optcc.graph.fx import attr_at, module_path
 
 _BLOCK = re.compile(r"^(.*?\.\d+)(?:\.|$)")
 OUTSIDE = "(outside blocks)"
