@@ -12,7 +12,7 @@ Timed interleaved (optcc.measure.latency.measure), one process, on the real all-
   fp32 lin   its nn.Linear layers alone in torch fp32 (F.linear, each on its own input)
   ort gemm   the same layers as onnxruntime MatMulIntegerToFloat on uint8 activations
              that are already quantized (the integer GEMM and its scaling, nothing else),
-             weights as optcc lays them out on this CPU (quantized.onnx_int8_layout)
+             weights as optcc lays them out for this CPU (quantized.suggest_layout, or --layout)
   ort dqmm   the same layers as com.microsoft.DynamicQuantizeMatMul (activations
              quantized per call, what activations: per-tensor emits)
   torch.ao   the same layers as torch.ao dynamic int8 linears (fbgemm; activations quantized
@@ -43,13 +43,14 @@ from benchmarks.harness import graph_session  # noqa: E402
 from optcc.measure.latency import measure  # noqa: E402
 
 
-def int8_sessions(weights: list[np.ndarray], threads: int):
+def int8_sessions(weights: list[np.ndarray], threads: int, layout: str | None = None):
     """Two onnxruntime graphs over every [out, in] weight: pre-quantized GEMMs, and DynamicQuantizeMatMul."""
     from onnx import TensorProto as T, helper as h, numpy_helper as nh
 
     from optcc.ops import quantized
 
-    layout, qmax = quantized.onnx_int8_layout(), quantized.int8_weight_qmax()
+    layout = layout or quantized.suggest_layout()[0]
+    qmax = quantized.weight_qmax(layout)
     gemm, dqmm, gin, din, inits = [], [], [], [], []
     for i, w in enumerate(weights):
         ws = np.maximum(np.abs(w).max(1), 1e-8) / qmax
@@ -88,6 +89,7 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--min-seconds", type=float, default=5.0)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--layout", choices=("u8s8", "u8s7", "u8u8"), help="ONNX int8 weight layout (default: this CPU's suggestion)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
 
@@ -101,7 +103,7 @@ def main() -> None:
     xs = [torch.randn(rows, m.in_features, generator=gen) for m in linears]
     ids = torch.randint(1000, 20000, (a.batch, a.seq), generator=gen)
     mask = torch.ones_like(ids)
-    layout, gemm, dqmm = int8_sessions([m.weight.detach().numpy() for m in linears], a.threads)
+    layout, gemm, dqmm = int8_sessions([m.weight.detach().numpy() for m in linears], a.threads, a.layout)
     qfeed = {f"q{i}": np.random.default_rng(i).integers(0, 256, tuple(x.shape), dtype=np.uint8) for i, x in enumerate(xs)}
     dfeed = {f"x{i}": x.numpy() for i, x in enumerate(xs)}
     cfg = model.config

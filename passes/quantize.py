@@ -6,10 +6,11 @@ MatMul), int4-weight-only (group-wise RTN, ONNX MatMulNBits) and int4-awq
 (activation-aware per-channel scales searched on calibration data). Optional
 SmoothQuant folding for int8-dynamic. Scales are folded into the preceding norm
 only where that norm feeds nothing but the linears being scaled.
-Math in optcc/quantizers.py; ops in optcc/quantized.py; docs in docs/quantize.md.
+Math in optcc/algorithms/quantizers.py; ops in optcc/ops/quantized.py; docs in docs/quantize.md.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -28,7 +29,8 @@ from optcc.graph.probe import record
 from optcc.pipeline.registry import PassResult, register
 from optcc.config.schema import field
 from optcc.graph.lineargroups import Group, groups, linear_parts, set_tensor
-from optcc.graph.structure import Linear, attr_at, module_path
+from optcc.graph.fx import attr_at, module_path
+from optcc.graph.structure import Linear
 
 aten = torch.ops.aten
 ops = torch.ops.optcc
@@ -53,6 +55,14 @@ class Config:
     activations: Literal["per-token", "per-tensor"] = field(
         "per-token", help="int8-dynamic: one activation scale per token (closest to fp32) or per tensor "
                           "(ONNX: one fused DynamicQuantizeMatMul per linear, faster)")
+    torch_gemm: Literal["auto", "int_mm", "fp32", "fbgemm"] = field(
+        "auto", help="int8-dynamic: the torch artifact's integer GEMM. int_mm: torch._int_mm (fast with VNNI/AMX/i8mm); "
+                     "fp32: the int8 codes multiplied in fp32 (exact, for CPUs without int8 dot products); fbgemm "
+                     "(activations: per-tensor): torch's fbgemm int8 GEMM; auto: chosen for the compiling machine")
+    onnx_weights: Literal["auto", "u8s8", "u8s7", "u8u8"] = field(
+        "auto", help="int8-dynamic: the ONNX weight layout. u8s8: int8 weights (fastest with VNNI/AMX, saturates on "
+                     "x86 without VNNI); u8s7: int8 weights kept to 7 bits (exact and fast on AVX2); u8u8: uint8 "
+                     "weights (exact everywhere, slower on x86); auto: chosen for the compiling machine")
     int4_activations: Literal["fp32", "int8"] = field("fp32", help="int4, ONNX only: int8 lets MatMulNBits quantize activations per block (faster on VNNI CPUs; the ONNX artifact then differs from the torch one by that rounding)")
     awq_grid: int = field(20, help="int4-awq: grid points for the scale exponent in [0, 1)")
     awq_clip: bool = field(True, help="int4-awq: also search a per-group clipping range")
@@ -71,19 +81,38 @@ class Config:
             raise ValueError(f"awq_grid must be >= 1, got {self.awq_grid}")
         # an option the scheme does not read is a mistake in the recipe, not something to ignore
         defaults = {f: Config.__dataclass_fields__[f].default
-                    for f in ("group_size", "int4_activations", "awq_grid", "awq_clip", "activations")}
+                    for f in ("group_size", "int4_activations", "awq_grid", "awq_clip", "activations", "torch_gemm",
+                              "onnx_weights")}
         int4, awq = ("int4-weight-only", "int4-awq"), ("int4-awq",)
+        dynamic = ("int8-dynamic",)
         applies = {"group_size": int4, "int4_activations": int4, "awq_grid": awq, "awq_clip": awq,
-                   "activations": ("int8-dynamic",)}
+                   "activations": dynamic, "torch_gemm": dynamic, "onnx_weights": dynamic}
         for name, schemes in applies.items():
             if getattr(self, name) != defaults[name] and self.scheme not in schemes:
                 raise ValueError(f"{name} applies only to {' and '.join(schemes)}; scheme is {self.scheme}: drop {name}")
+        if self.torch_gemm == "fbgemm" and self.activations != "per-tensor":
+            raise ValueError("torch_gemm fbgemm needs activations: per-tensor (fbgemm quantizes activations per tensor); "
+                             "use int_mm or fp32")
         for p in self.exclude:
             if p.startswith("re:"):
                 try:
                     re.compile(p[3:])
                 except re.error as e:
                     raise ValueError(f"exclude pattern '{p}' is not a valid regex: {e}") from None
+
+
+def resolve(cfg: Config) -> tuple[Config, dict[str, str]]:
+    """int8-dynamic's `auto` kernel and layout, chosen for this machine (PassSpec.resolve)."""
+    if cfg.scheme != "int8-dynamic":
+        return cfg, {}
+    why = {}
+    layout = cfg.onnx_weights
+    if layout == "auto":
+        layout, why["onnx_weights"] = quantized.suggest_layout()
+    gemm = cfg.torch_gemm
+    if gemm == "auto":
+        gemm, why["torch_gemm"] = quantized.suggest_gemm(cfg.activations == "per-tensor", quantized.weight_qmax(layout))
+    return dataclasses.replace(cfg, onnx_weights=layout, torch_gemm=gemm), why
 
 
 def _matches(pattern: str, path: str) -> bool:
@@ -178,14 +207,15 @@ def _replace(gm: fx.GraphModule, node: fx.Node, li: Linear, op, tensors: dict[st
 def _quantize(w: torch.Tensor, li: Linear, cfg: Config, clip: Optional[torch.Tensor]):
     """(op, tensors, extra args, dequantized weight [out, in], bits) for one layer."""
     if cfg.scheme.startswith("int8"):
-        dynamic = cfg.scheme == "int8-dynamic"  # its ONNX GEMM may need 7-bit codes (quantized.onnx_int8_layout)
-        qmax = quantized.int8_weight_qmax() if dynamic else quantizers.QMAX8
+        dynamic = cfg.scheme == "int8-dynamic"  # its ONNX GEMM may need 7-bit codes (onnx_weights u8s7)
+        qmax = quantized.weight_qmax(cfg.onnx_weights) if dynamic else quantizers.QMAX8
         q, sc = quantizers.quantize_per_channel(w, qmax)
         if dynamic:
             op = ops.linear_dq_int8_tensor.default if cfg.activations == "per-tensor" else ops.linear_dq_int8.default
+            extra = (cfg.torch_gemm, cfg.onnx_weights)
         else:
-            op = ops.linear_w8.default
-        return op, {"wq": q.t().contiguous(), "ws": sc}, (), quantizers.dequantize_per_channel(q, sc), 8 if qmax == quantizers.QMAX8 else 7
+            op, extra = ops.linear_w8.default, ()
+        return op, {"wq": q.t().contiguous(), "ws": sc}, extra, quantizers.dequantize_per_channel(q, sc), 8 if qmax == quantizers.QMAX8 else 7
     codes, sc, zp = quantizers.quantize_groupwise(w, cfg.group_size, clip=clip)
     groups_ = li.in_features // cfg.group_size
     tensors = {"w4": quantizers.pack_int4(codes).reshape(li.out_features, groups_, cfg.group_size // 2),
@@ -216,12 +246,7 @@ def _kernels(cfg: Config) -> dict:
     if cfg.scheme != "int8-dynamic":
         return dict(_KERNELS[cfg.scheme])
     base = _PER_TENSOR if cfg.activations == "per-tensor" else _KERNELS["int8-dynamic"]
-    return {**base, "activations": cfg.activations, "torch_int8_gemm": _torch_gemm(cfg), "onnx_int8_weights": quantized.onnx_int8_layout()}
-
-
-def _torch_gemm(cfg: Config) -> str:
-    """The int8 GEMM the torch op of this int8-dynamic config runs here: int_mm | fp32 | fbgemm (qops)."""
-    return quantized.per_tensor_gemm_kernel() if cfg.activations == "per-tensor" else quantized.INT8_GEMM
+    return {**base, "activations": cfg.activations, "torch_int8_gemm": cfg.torch_gemm, "onnx_int8_weights": cfg.onnx_weights}
 
 
 def _timing(orig: fx.GraphModule, gm: fx.GraphModule, ctx: PassContext) -> dict:
@@ -286,26 +311,25 @@ def _notes(cfg: Config, tied: list[str], skipped: int, timing: Optional[dict]) -
             notes.append("activations: per-tensor: one uint8 scale and zero point per call over the whole activation "
                          "(batch included), as onnxruntime's DynamicQuantizeMatMul computes them; outputs depend a little on "
                          "what else is in the batch, and an outlier token coarsens every token's codes (per-token does not)")
-        layout = quantized.onnx_int8_layout()
-        if layout == "u8s8":
-            notes.append("ONNX weights are int8 (u8·s8 GEMM, exact and fastest with VNNI/AMX, as on this CPU); on an "
-                         "x86 CPU without VNNI that GEMM saturates: compile for such a CPU with OPTCC_ONNX_INT8=u8s7")
-        elif layout == "u8s7":
+        if cfg.onnx_weights == "u8s8":
+            notes.append("ONNX weights are int8 (u8·s8 GEMM, exact and fastest with VNNI/AMX); on an x86 CPU without "
+                         "VNNI that GEMM saturates and emit's check fails: use onnx_weights: u8s7 for such a CPU")
+        elif cfg.onnx_weights == "u8s7":
             notes.append("weights are int8 kept to 7 bits ([-63, 63]) so that onnxruntime's u8·s8 GEMM, which saturates "
-                         "full-range codes on x86 without VNNI (as on this CPU), stays exact; ~1.2x faster than the u8·u8 GEMM "
-                         "at one bit less weight precision (OPTCC_ONNX_INT8=u8u8 keeps 8 bits, u8s8 on a CPU with VNNI)")
+                         "full-range codes on x86 without VNNI, stays exact; ~1.2x faster than the u8·u8 GEMM there "
+                         "at one bit less weight precision (onnx_weights: u8u8 keeps 8 bits, u8s8 suits CPUs with VNNI)")
         else:
             notes.append("ONNX weights are uint8 + zero point 128 (u8·u8 GEMM, exact on every onnxruntime kernel)")
-        gemm = _torch_gemm(cfg)
-        if gemm == "fp32":
-            fbgemm = cfg.activations == "per-token" and quantized.per_tensor_gemm_kernel() == "fbgemm"
-            notes.append("torch artifact: this CPU has no int8 dot-product instructions (VNNI/AMX/i8mm), where "
-                         "torch._int_mm is many times slower than fp32, so the .pt2 multiplies the int8 codes in fp32: "
-                         "smaller weights, no speedup on torch here — the ONNX artifact runs the integer GEMM"
-                         + ("; with activations: per-tensor the .pt2 runs torch's fbgemm int8 GEMM here" if fbgemm else ""))
-        elif gemm == "fbgemm":
+        if cfg.torch_gemm == "fp32":
+            notes.append("torch artifact: the int8 codes are multiplied in fp32 (torch_gemm: fp32, for CPUs without "
+                         "int8 dot-product instructions, where torch._int_mm is many times slower than fp32): smaller "
+                         "weights, no speedup on torch — the ONNX artifact runs the integer GEMM")
+        elif cfg.torch_gemm == "int_mm":
+            notes.append("torch artifact: torch._int_mm (int32 accumulate); fast only on CPUs with VNNI/AMX/i8mm")
+        else:
             notes.append("torch artifact: torch's fbgemm int8 GEMM, which quantizes the activations itself by the same "
-                         "rule but rounds x·(1/scale): about one code in 150,000 differs by one from onnxruntime's")
+                         "rule but rounds x·(1/scale): about one code in 150,000 differs by one from onnxruntime's; "
+                         "weights whose codes fbgemm cannot multiply exactly on the running CPU take the fp32 path")
     if timing is not None and timing["speedup"] < 1.0:
         notes.append(f"SLOWER: on this machine the quantized torch graph runs at {timing['speedup']:.2f}x "
                      f"the fp32 graph ({timing['quantized_p50_ms']:.2f} ms vs {timing['fp32_p50_ms']:.2f} ms)")
@@ -313,7 +337,7 @@ def _notes(cfg: Config, tied: list[str], skipped: int, timing: Optional[dict]) -
 
 
 @register("quantize", Config, summary="int8 / int4 linear layers with integer kernels (MatMulIntegerToFloat, MatMulNBits, _int_mm)",
-          rounds=True, after=("layer_skip", "token_merge", "kv_share"))
+          rounds=True, after=("layer_skip", "token_merge", "kv_share"), resolve=resolve)
 def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
     s = ctx.structure(gm)
     targets, excluded, warnings = select(s.linears, s.head, cfg)

@@ -35,7 +35,7 @@ def test_quick_benchmark_writes_tables(tmp_path):
     assert "## W2" in md and "speedup_vs_fp32" in md
 
 
-def test_quantize_floor_graphs_compute_the_int8_linears(monkeypatch):
+def test_quantize_floor_graphs_compute_the_int8_linears():
     """The floor benchmark times what it claims: its onnxruntime graphs give each layer's
     int8 product (codes · weight codes · weight scale), pre-quantized and with DynamicQuantizeMatMul."""
     import numpy as np
@@ -43,10 +43,9 @@ def test_quantize_floor_graphs_compute_the_int8_linears(monkeypatch):
     from benchmarks.quantize_floor import int8_sessions
     from optcc.algorithms.quantizers import quantize_per_tensor_u8
 
-    monkeypatch.setenv("OPTCC_ONNX_INT8", "u8s7")
     rng = np.random.default_rng(0)
     weights = [rng.standard_normal((24, 16)).astype(np.float32), rng.standard_normal((16, 24)).astype(np.float32)]
-    layout, gemm, dqmm = int8_sessions(weights, threads=1)
+    layout, gemm, dqmm = int8_sessions(weights, threads=1, layout="u8s7")
     assert layout == "u8s7"
     q = [rng.integers(0, 256, (5, w.shape[1]), dtype=np.uint8) for w in weights]
     x = [rng.standard_normal((5, w.shape[1])).astype(np.float32) for w in weights]

@@ -141,3 +141,53 @@ def test_example_workflow_recreates_uploads_and_fails_on_gates():
     assert "optcc apply" in runs and "--baseline" in runs and "|| true" not in runs  # exit 7 fails the job
     upload = next(s for s in steps if "upload-artifact" in s.get("uses", ""))
     assert upload["if"] == "always()" and upload["with"]["path"] == "out/"  # report kept when a gate fails
+
+
+# auto picks the ONNX int8 weight layout from the CPU; each machine below makes it pick one
+MACHINES = {"u8s8": ("x86_64", {"avx2", "avx512_vnni"}), "u8s7": ("x86_64", {"avx2"}), "u8u8": ("aarch64", {"asimd"})}
+
+
+def _pretend(monkeypatch, layout):
+    from optcc.ops import quantized
+
+    arch, flags = MACHINES[layout]
+    monkeypatch.setattr(quantized.platform, "machine", lambda: arch)
+    monkeypatch.setattr(quantized, "cpu_flags", lambda: frozenset(flags))
+
+
+@pytest.mark.parametrize("layout", list(MACHINES))
+def test_a_lock_rebuilds_byte_identical_artifacts_on_another_machine(tmp_path, monkeypatch, layout):
+    """`auto` is resolved once, on the compiling machine, into the report and the lock; applying the
+    lock where auto would choose otherwise gives the same bytes, and no environment variable matters."""
+    import platform
+
+    from optcc.ops import quantized
+
+    vnni_here = platform.machine() in ("x86_64", "AMD64") and quantized.cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}
+    if layout == "u8s8" and not vnni_here:  # emit's check would rightly fail: full-range u8·s8 saturates without VNNI
+        pytest.skip("u8·s8 with 8-bit weights is only exact on CPUs with VNNI/AMX")
+    recipe = write_recipe(tmp_path, f"""
+version: 1
+model: {{source: '{ROOT / "tests" / "models" / "handwritten.py"}:build', task: feature-extraction, inputs: {{batch: 2, seq_len: 16}}}}
+passes: [{{quantize: {{scheme: int8-dynamic}}}}]
+emit: {{formats: [onnx, torch]}}
+bench: {{enabled: false}}
+""")
+    with monkeypatch.context() as m:
+        _pretend(m, layout)
+        first = apply(recipe, None, tmp_path / "first")
+    chosen = {c["option"]: c["value"] for c in first["recipe"]["chosen"]}
+    assert chosen["onnx_weights"] == layout and chosen["torch_gemm"] in ("int_mm", "fp32")
+    assert first["passes"][0]["stats"]["kernels"]["onnx_int8_weights"] == layout
+    lock = tmp_path / "first" / "recipe.lock.yaml"
+    assert f"onnx_weights: {layout}" in lock.read_text()
+
+    other = next(l for l in MACHINES if l != layout)  # a machine where auto would choose differently
+    with monkeypatch.context() as m:
+        _pretend(m, other)
+        m.setenv("OPTCC_ONNX_INT8", other)  # the old overrides: ignored
+        m.setenv("OPTCC_INT8_GEMM", "fp32" if chosen["torch_gemm"] == "int_mm" else "int_mm")
+        second = apply(lock, None, tmp_path / "second")
+    assert second["recipe"]["chosen"] == []  # nothing left to choose
+    for name in ("model.onnx", "model.pt2"):
+        assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes(), name

@@ -118,7 +118,7 @@ def _model(source, task=None):
 def _quantize(gm, ctx, text="{scheme: int8-dynamic, measure: false}"):
     step = parse_recipe(f"version: 1\npasses:\n  - quantize: {text}\n").passes[0]
     gm, records = run_passes(gm, (step,), ctx)
-    return gm, records[0]
+    return gm, records[0].to_dict()
 
 
 def _qnodes(gm):
@@ -139,8 +139,7 @@ def test_int8_dynamic_replaces_every_linear(source, task):
     assert ctx.structure(gm).linears == []  # no fp32 linear left
     assert rec["fidelity"]["cosine_mean"] >= 0.99
     st = rec["stats"]
-    from optcc.ops import quantized
-    bits = 7 if quantized.onnx_int8_layout() == "u8s7" else 8  # 7-bit codes where u8·s8 would saturate (no VNNI)
+    bits = 7 if rec["config"]["onnx_weights"] == "u8s7" else 8  # 7-bit codes where u8·s8 would saturate (no VNNI)
     assert {l["bits"] for l in st["layers"]} == {bits} and min(l["sqnr_db"] for l in st["layers"]) > 30 - 6 * (8 - bits)
     assert st["weight_bytes"]["after"] < 0.3 * st["weight_bytes"]["before"]
     assert rec["after"]["flops"] == rec["before"]["flops"]  # integer MACs still count
@@ -302,16 +301,17 @@ def test_decoder_int8_onnx(tmp_path):
 
 
 @pytest.mark.parametrize("layout", ["u8u8", "u8s8", "u8s7"])
-def test_int8_onnx_weight_layout_follows_the_cpu_or_the_override(tmp_path, monkeypatch, layout):
+def test_int8_onnx_weight_layout_follows_the_cpu_or_the_recipe(tmp_path, layout):
     from optcc.ops import quantized
 
     x86 = platform.machine() in ("x86_64", "AMD64")
-    vnni = bool(quantized._cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}) and x86
-    assert quantized.onnx_int8_layout() == ("u8s8" if vnni else "u8s7" if x86 else "u8u8")  # auto: from this CPU
+    vnni = bool(quantized.cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}) and x86
+    assert quantized.suggest_layout()[0] == ("u8s8" if vnni else "u8s7" if x86 else "u8u8")  # auto: from this CPU
     if layout == "u8s8" and not vnni:  # emit's check would rightly fail: full-range u8·s8 saturates without VNNI
         pytest.skip("u8·s8 with 8-bit weights is only exact on CPUs with VNNI/AMX")
-    monkeypatch.setenv("OPTCC_ONNX_INT8", layout)
-    report, model = _apply(tmp_path, f"{HANDWRITTEN}:build", "{scheme: int8-dynamic}", "[onnx]", task="feature-extraction")
+    report, model = _apply(tmp_path, f"{HANDWRITTEN}:build", f"{{scheme: int8-dynamic, onnx_weights: {layout}}}", "[onnx]",
+                           task="feature-extraction")
+    assert report["recipe"]["chosen"] == [c for c in report["recipe"]["chosen"] if c["option"] == "torch_gemm"]
     stats = report["passes"][0]["stats"]
     assert stats["kernels"]["onnx_int8_weights"] == layout
     assert {l["bits"] for l in stats["layers"]} == {7 if layout == "u8s7" else 8}
@@ -342,21 +342,17 @@ def test_weight_only_onnx_ops(tmp_path, text, op):
     json.dumps(rec["stats"])  # stats are JSON data
 
 
-def test_int8_gemm_kernels_agree_and_the_choice_can_be_forced(monkeypatch):
+def test_int8_gemm_kernels_agree_and_auto_suggests_one():
     from optcc.ops import quantized
     from optcc.algorithms.quantizers import quantize_per_channel
 
-    monkeypatch.setenv("OPTCC_INT8_GEMM", "fp32")
-    assert quantized.int8_gemm_kernel() == "fp32"
-    monkeypatch.setenv("OPTCC_INT8_GEMM", "int_mm")
-    assert quantized.int8_gemm_kernel() == "int_mm"
+    assert quantized.suggest_gemm(False, 127)[0] in ("int_mm", "fp32")  # per-token: never fbgemm
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(64, 96, generator=g), torch.randn(48, 96, generator=g)
     wq, ws = quantize_per_channel(w)
     outs = {}
     for kernel in ("int_mm", "fp32"):
-        monkeypatch.setattr(qops, "INT8_GEMM", kernel)
-        outs[kernel] = torch.ops.optcc.linear_dq_int8(x, wq.t().contiguous(), ws.reshape(-1), None)
+        outs[kernel] = torch.ops.optcc.linear_dq_int8(x, wq.t().contiguous(), ws.reshape(-1), None, kernel, "u8s8")
     torch.testing.assert_close(outs["fp32"], outs["int_mm"], rtol=0, atol=1e-5)  # same integer products
     assert torch.nn.functional.cosine_similarity(outs["fp32"].flatten(), (x @ w.t()).flatten(), dim=0) > 0.999
 
@@ -380,7 +376,7 @@ def test_per_tensor_codes_are_onnx_dynamic_quantize_linear_codes():
         assert float(scale) == float(s) and int(zp) == int(z)
 
 
-def test_per_tensor_int8_gemm_kernels_agree(monkeypatch):
+def test_per_tensor_int8_gemm_kernels_agree():
     from optcc.ops import quantized
     from optcc.algorithms.quantizers import quantize_per_channel
 
@@ -390,9 +386,7 @@ def test_per_tensor_int8_gemm_kernels_agree(monkeypatch):
     outs = {}
     kernels = ("int_mm", "fp32") + (("fbgemm",) if quantized.fbgemm_exact_qmax() >= 63 else ())
     for kernel in kernels:
-        monkeypatch.setattr(qops, "INT8_GEMM", kernel if kernel != "fbgemm" else "fp32")
-        monkeypatch.setattr(qops, "INT8_GEMM_TENSOR", kernel)
-        outs[kernel] = torch.ops.optcc.linear_dq_int8_tensor(x, wq.t().contiguous(), ws, b)
+        outs[kernel] = torch.ops.optcc.linear_dq_int8_tensor(x, wq.t().contiguous(), ws, b, kernel, "u8s7")
     for kernel in kernels[1:]:  # the same integer products (fbgemm rounds rare codes differently: none in this input)
         torch.testing.assert_close(outs[kernel], outs["int_mm"], rtol=0, atol=1e-4)
     assert outs["fp32"].shape == (2, 32, 48)
@@ -401,7 +395,7 @@ def test_per_tensor_int8_gemm_kernels_agree(monkeypatch):
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or "fbgemm" not in torch.backends.quantized.supported_engines,
                     reason="torch's fbgemm int8 GEMM is on x86 builds")
-def test_fbgemm_per_tensor_kernel_is_exact_or_not_taken(monkeypatch):
+def test_fbgemm_per_tensor_kernel_is_exact_or_not_taken():
     """The per-tensor op runs fbgemm only on weights whose codes it keeps exact here (probed), packs them
     once, and otherwise multiplies the same codes in fp32; its activation codes are DynamicQuantizeLinear's
     but for rare one-code differences of rounding x·(1/scale)."""
@@ -409,23 +403,23 @@ def test_fbgemm_per_tensor_kernel_is_exact_or_not_taken(monkeypatch):
     from optcc.algorithms.quantizers import quantize_per_channel
 
     assert quantized.fbgemm_exact_qmax() in (63, 127)  # 127 with VNNI, 63 where u8·s8 pairs add in int16
-    monkeypatch.setattr(qops, "INT8_GEMM_TENSOR", "fbgemm")
+    def op(x, w_t, ws, b, gemm="fbgemm"):
+        return torch.ops.optcc.linear_dq_int8_tensor(x, w_t, ws, b, gemm, "u8s8")
+
     g = torch.Generator().manual_seed(1)
     x, w, b = torch.randn(512, 256, generator=g) * 2, torch.randn(64, 256, generator=g), torch.randn(64, generator=g)
     x[:, 3] += 9.0  # an outlier channel, as real activations have
     for qmax in (63, 127):
         wq, ws = quantize_per_channel(w, qmax)
         w_t = wq.t().contiguous()
-        y = torch.ops.optcc.linear_dq_int8_tensor(x, w_t, ws, b)
+        y = op(x, w_t, ws, b)
         taken = qmax <= quantized.fbgemm_exact_qmax()
         assert (quantized._fbgemm_weights(w_t) is not None) == taken
         packed = quantized._fbgemm_weights(w_t)
-        assert torch.equal(torch.ops.optcc.linear_dq_int8_tensor(x, w_t, ws, b), y)
+        assert torch.equal(op(x, w_t, ws, b), y)
         if taken:
             assert quantized._fbgemm_weights(w_t) is packed  # packed once
-        monkeypatch.setattr(qops, "INT8_GEMM_TENSOR", "fp32")
-        ref = torch.ops.optcc.linear_dq_int8_tensor(x, w_t, ws, b)
-        monkeypatch.setattr(qops, "INT8_GEMM_TENSOR", "fbgemm")
+        ref = op(x, w_t, ws, b, "fp32")
         q, s, zp = quantizers.quantize_per_tensor_u8(x)
         step = float(s) * (wq.abs().to(torch.float32) * ws[:, None]).max()  # one activation code's largest effect
         rows_off = ((y - ref).abs() > 1e-4 * ref.abs().max()).any(1)
@@ -434,34 +428,45 @@ def test_fbgemm_per_tensor_kernel_is_exact_or_not_taken(monkeypatch):
             assert torch.equal(y, ref)
     wq, ws = quantize_per_channel(w, 63)
     w_t = wq.t().contiguous()
-    before = torch.ops.optcc.linear_dq_int8_tensor(x, w_t, ws, b)
+    before = op(x, w_t, ws, b)
     packed = quantized._fbgemm_weights(w_t)
     w_t.neg_()  # a weight changed in place is packed again
-    after = torch.ops.optcc.linear_dq_int8_tensor(x, w_t, ws, b)
+    after = op(x, w_t, ws, b)
     assert quantized._fbgemm_weights(w_t) is not packed
     torch.testing.assert_close(after - b, -(before - b), rtol=1e-4, atol=1e-3)
     copied = copy.deepcopy(w_t)  # a copy is packed on its own; the handle is no attribute to copy or save
-    assert not w_t.__dict__ and torch.equal(torch.ops.optcc.linear_dq_int8_tensor(x, copied, ws, b), after)
+    assert not w_t.__dict__ and torch.equal(op(x, copied, ws, b), after)
     key = id(w_t)
     del w_t, copied
     assert key not in quantized._FBGEMM_PACKED  # dropped with its tensor
 
 
 @pytest.mark.parametrize("layout", [None, "u8u8"])  # this CPU's choice, and uint8 weights with a zero point
-def test_per_tensor_activations_run_one_fused_onnx_op_per_linear(tmp_path, monkeypatch, layout):
-    if layout:
-        monkeypatch.setenv("OPTCC_ONNX_INT8", layout)
-    report, model = _apply(tmp_path, f"{HANDWRITTEN}:build", "{scheme: int8-dynamic, activations: per-tensor}",
+def test_per_tensor_activations_run_one_fused_onnx_op_per_linear(tmp_path, layout):
+    extra = f", onnx_weights: {layout}" if layout else ""
+    report, model = _apply(tmp_path, f"{HANDWRITTEN}:build", f"{{scheme: int8-dynamic, activations: per-tensor{extra}}}",
                            task="feature-extraction")
     st = report["passes"][0]["stats"]
     assert st["kernels"]["activations"] == "per-tensor" and "DynamicQuantizeMatMul" in st["kernels"]["onnx"]
     from optcc.ops import quantized
     # this CPU's layout fits torch's fbgemm int8 GEMM where torch has one; 8-bit uint8 weights only with VNNI
-    fits = quantized.fbgemm_exact_qmax() >= (127 if layout else quantized.int8_weight_qmax())
-    assert st["kernels"]["torch_int8_gemm"] == ("fbgemm" if fits else quantized.INT8_GEMM)
+    fits = quantized.fbgemm_exact_qmax() >= (127 if layout else quantized.weight_qmax(quantized.suggest_layout()[0]))
+    assert st["kernels"]["torch_int8_gemm"] == ("fbgemm" if fits else quantized.suggest_gemm(False, 127)[0])
     ops_ = [n.op_type for n in model.graph.node]
     assert ops_.count("DynamicQuantizeMatMul") == st["quantized"] == 19
     assert "MatMulIntegerToFloat" not in ops_ and "QuantizeLinear" not in ops_ and _weight_matmuls(model) == []
     for art in report["artifacts"]:  # both artifacts re-load and agree with the quantized graph
         assert art["check"]["cosine_mean"] > 0.999, art
     assert report["fidelity"]["cosine_mean"] > 0.99
+
+
+def test_importing_optcc_probes_nothing():
+    """No work at import: the CPU flags and the fbgemm probe are read only when a recipe's `auto`
+    asks (so `optcc --help` does not pay for them)."""
+    import subprocess
+    import sys
+
+    code = ("import optcc.cli, optcc.api\nfrom optcc.ops import quantized as q\n"
+            "print(q.fbgemm_exact_qmax.cache_info().currsize, q.cpu_flags.cache_info().currsize)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "0"]

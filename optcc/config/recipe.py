@@ -171,7 +171,21 @@ _SECTIONS = {
     "bench": Bench,
     "generate": Generate,
     "require": None,
+    "lock": None,  # what recipe.lock.yaml records about the run that wrote it; not read back
 }
+
+
+def resolve_auto(recipe: Recipe) -> tuple[Recipe, list[dict]]:
+    """The recipe with every pass's `auto` options chosen for this machine (PassSpec.resolve),
+    and one {step, pass, option, value, why} per choice. apply writes the resolved recipe to the
+    report and the lock, so a lock re-creates the same artifacts on any machine."""
+    steps, chosen = [], []
+    for i, step in enumerate(recipe.passes, start=1):
+        config, why = reg.resolve(step.name, step.config)
+        steps.append(dataclasses.replace(step, config=config))
+        chosen += [{"step": i, "pass": step.name, "option": k, "value": getattr(config, k), "why": w}
+                   for k, w in why.items()]
+    return dataclasses.replace(recipe, passes=tuple(steps)), chosen
 
 
 def load_recipe(path: str | Path) -> Recipe:
@@ -295,10 +309,15 @@ def recipe_json_schema() -> dict:
             "generate": json_schema(Generate),
             "require": {"type": "object", "propertyNames": {"enum": sorted(METRICS)}, "additionalProperties": {"type": "string", "pattern": EXPR.pattern},
                         "description": "CI gates: metric -> comparison, e.g. speedup: '>= 1.5'"},
+            "lock": {"type": "object", "description": "written by optcc into recipe.lock.yaml (model and artifact "
+                                                      "hashes, versions); ignored when the lock is applied"},
         },
     }
 
 
-def dump_lock(recipe: Recipe, extra: dict) -> str:
-    data = {"recipe": recipe.to_dict(), **extra}
-    return yaml.safe_dump(data, sort_keys=False)
+def dump_lock(recipe: Recipe, record: dict) -> str:
+    """recipe.lock.yaml: the resolved recipe (every `auto` chosen), itself a recipe, so that
+    `optcc apply recipe.lock.yaml` rebuilds the same artifacts on any machine, plus a `lock:`
+    section that records the run (model hash, versions, artifact hashes) and is not read back."""
+    head = "# optcc lock: the resolved recipe of one run. `optcc apply` it to rebuild the same artifacts.\n"
+    return head + yaml.safe_dump({**recipe.to_dict(), "lock": record}, sort_keys=False)

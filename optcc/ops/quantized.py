@@ -5,19 +5,18 @@ any process that imported optcc. Weight layouts are chosen so the torch kernel
 and the ONNX op read the same tensors:
 
 - optcc::linear_dq_int8 — per-token dynamic int8 activations × per-channel int8
-  weights [in, out]. torch: torch._int_mm (int8 GEMM, int32 accumulate) where the
-  CPU has int8 dot-product instructions, else the same codes multiplied in fp32
-  (see int8_gemm_kernel); dequant in fp32. ONNX: the same per-token codes, offset by 128 to uint8 by one per-row
-  QuantizeLinear, into com.microsoft MatMulIntegerToFloat with a_zero_point 128
-  and int8 weights (u8·s8) on x86 (7-bit weight codes without VNNI, where full-range
-  u8·s8 saturates), else the weights offset by 128 to uint8 (u8·u8; see
-  onnx_int8_layout; onnxruntime's DynamicQuantizeLinear is per-tensor only), then the
-  same fp32 scale multiplies. Both build identical int32 accumulators,
-  so the artifacts agree to float rounding (see docs/quantize.md for when not).
+  weights [in, out]. Its `gemm` argument picks the torch kernel: torch._int_mm (int8 GEMM,
+  int32 accumulate) or the same codes multiplied in fp32; dequant in fp32. ONNX: the same
+  per-token codes, offset by 128 to uint8 by one per-row QuantizeLinear, into com.microsoft
+  MatMulIntegerToFloat with a_zero_point 128, the weights stored as its `onnx_weights`
+  argument says (u8s8 / u8s7: int8; u8u8: offset by 128 to uint8; see suggest_layout;
+  onnxruntime's DynamicQuantizeLinear is per-tensor only), then the same fp32 scale
+  multiplies. Both build identical int32 accumulators, so the artifacts agree to float
+  rounding (see docs/quantize.md for when not).
 - optcc::linear_dq_int8_tensor — the same with one dynamic uint8 scale and zero point for the
-  whole activation tensor (DynamicQuantizeLinear's rule). torch: fbgemm's int8 GEMM where it is
-  exact for the weights (per_tensor_gemm_kernel), else the per-token op's kernels. ONNX: one
-  com.microsoft DynamicQuantizeMatMul, which quantizes, multiplies, scales and adds the bias in one kernel.
+  whole activation tensor (DynamicQuantizeLinear's rule). torch: `gemm` fbgemm (torch's fbgemm
+  int8 GEMM where it is exact for the weights), int_mm or fp32. ONNX: one com.microsoft
+  DynamicQuantizeMatMul, which quantizes, multiplies, scales and adds the bias in one kernel.
 - optcc::linear_w8 — int8 per-channel weight-only: dequantize, fp32 matmul.
   ONNX: DequantizeLinear(axis=1) + MatMul.
 - optcc::linear_w4 — int4 group-wise weight-only in MatMulNBits layout
@@ -29,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import platform
 import warnings
 import weakref
@@ -76,11 +74,20 @@ def _contrib(name: str):
 
 
 # ------------------------------------------------------------ int8 dynamic ---
+#
+# Which integer GEMM runs and how ONNX stores the weights are quantize options (torch_gemm,
+# onnx_weights) that reach these ops as arguments, so an artifact computes the same way on any
+# machine. This module only suggests them for `auto` (suggest_*), on request, never at import.
+
+GEMMS = ("int_mm", "fp32", "fbgemm")
+LAYOUTS = ("u8s8", "u8s7", "u8u8")
+_X86 = ("x86_64", "AMD64", "i386", "i686")
+_INT8_DOT = {"avx512_vnni", "avx_vnni", "amx_int8", "i8mm", "asimddp"}  # int8 dot-product instructions
+
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
-    """This CPU's feature flags, read once: onnx_int8_layout asks for every quantized linear,
-    in the pass and again in the ONNX translation."""
+def cpu_flags() -> frozenset[str]:
+    """This CPU's feature flags (from /proc/cpuinfo; empty where it cannot be read)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -91,37 +98,60 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def int8_gemm_kernel() -> str:
-    """Which kernel the torch int8-dynamic op uses on this machine.
+def suggest_gemm(per_tensor: bool, weight_qmax: int) -> tuple[str, str]:
+    """(torch_gemm, why) for `auto` on this machine.
 
-    torch._int_mm on CPU is fast only with int8 dot-product instructions (x86 VNNI / AMX,
-    Arm i8mm / dotprod); without them (e.g. AVX2-only x86) it was measured at ~20x slower
-    than the fp32 matmul it replaces. There the same int8 codes are multiplied in fp32:
-    the products and sums are integers that fp32 holds exactly up to 2^24, so the result
-    matches the int32 GEMM to float rounding (and the ONNX artifact's exact u8·u8 GEMM).
-    OPTCC_INT8_GEMM=int_mm|fp32 overrides the choice."""
-    forced = os.environ.get("OPTCC_INT8_GEMM")
-    if forced in ("int_mm", "fp32"):
-        return forced
-    flags = _cpu_flags()
-    fast = {"avx512_vnni", "avx_vnni", "amx_int8", "i8mm", "asimddp"}
-    return "int_mm" if flags & fast or platform.machine() not in ("x86_64", "AMD64", "aarch64", "arm64") else "fp32"
+    torch._int_mm on CPU is fast only with int8 dot-product instructions (x86 VNNI / AMX, Arm
+    i8mm / dotprod); without them (e.g. AVX2-only x86) it was measured at ~20x slower than the
+    fp32 matmul it replaces. There the same int8 codes are multiplied in fp32: the products and
+    sums are integers, so the result matches the int32 GEMM to float rounding. Per-tensor
+    activations can take torch's fbgemm int8 GEMM where it is exact for the weights' codes."""
+    if per_tensor and weight_qmax <= fbgemm_exact_qmax():
+        return "fbgemm", f"torch's fbgemm int8 GEMM is exact here for codes up to {fbgemm_exact_qmax()}"
+    if cpu_flags() & _INT8_DOT or platform.machine() not in (*_X86, "aarch64", "arm64"):
+        return "int_mm", "this CPU has int8 dot-product instructions"
+    return "fp32", "this CPU has no int8 dot-product instructions (torch._int_mm would be slow)"
 
 
-INT8_GEMM = int8_gemm_kernel()  # the kernel the op uses in this process; reports read this
+def suggest_layout() -> tuple[str, str]:
+    """(onnx_weights, why) for `auto` on this machine: how the ONNX int8-dynamic translation stores
+    weights, and so which onnxruntime GEMM runs.
+
+    - "u8s8": int8 weights (what onnxruntime's own quantizer emits). On x86 with VNNI / AMX the
+      u8·s8 GEMM accumulates in int32 (exact) and is about 2x faster than u8·u8 (6.6 vs 12.4 ms
+      for a 1024×384→1536 layer, 2 threads, Zen 4).
+    - "u8s7": int8 weights kept to 7 bits ([-63, 63]). On x86 without VNNI (AVX2's vpmaddubsw)
+      the u8·s8 GEMM sums pairs of u8·s8 products in int16 and saturates on full-range codes
+      (255·127·2 > 32767: 13% error); with |w| <= 63 a pair sum stays under 32767 (255·63·2 =
+      32130), so the same fast kernel is exact: 5.54 vs 6.86 ms for u8·u8 on the layer above on a
+      2-core AVX2 EPYC (benchmarks/int8_gemm.py). The cost is one bit of weight precision.
+    - "u8u8": weights offset by 128 to uint8 (zero point 128): exact on every onnxruntime kernel,
+      8-bit weights, slower on x86. Suggested on CPUs other than x86.
+
+    emit's artifact check fails a u8s8 artifact that saturates on the machine that checks it."""
+    if platform.machine() not in _X86:
+        return "u8u8", "not an x86 CPU: the uint8 layout is exact on every onnxruntime kernel"
+    if cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"}:
+        return "u8s8", "x86 with VNNI/AMX: the u8·s8 GEMM accumulates in int32"
+    return "u8s7", "x86 without VNNI: 7-bit weights keep onnxruntime's u8·s8 GEMM from saturating"
+
+
+def weight_qmax(layout: str) -> int:
+    """Largest int8-dynamic weight code for an ONNX weight layout: 63 for u8s7, else 127."""
+    return 63 if layout == "u8s7" else QMAX8
 
 
 @functools.cache
 def fbgemm_exact_qmax() -> int:
     """Largest |int8 weight code| for which torch's fbgemm int8 GEMM gives exact integer products
-    on this machine, found by running it once on the worst case (uint8 codes 255 against weight
-    codes ±qmax): 127 where it accumulates in int32 (VNNI), 63 where it adds pairs of u8·s8
-    products in int16 (AVX2: 255·63·2 < 32767, as onnxruntime's kernel), 0 where this torch has
-    no usable fbgemm (builds without it, or the deprecated op removed).
+    on this machine, found by running it once (on first call) on the worst case (uint8 codes 255
+    against weight codes ±qmax): 127 where it accumulates in int32 (VNNI), 63 where it adds pairs
+    of u8·s8 products in int16 (AVX2: 255·63·2 < 32767, as onnxruntime's kernel), 0 where this
+    torch has no usable fbgemm (builds without it, or the deprecated op removed).
 
     The op is torch.fbgemm_linear_int8_weight_fp32_activation: dynamic per-tensor uint8
     activations × int8 weights packed once, the kernel torch.ao's dynamic quantized linear runs;
-    deprecated in torch, so probed here rather than assumed."""
+    deprecated in torch, so probed rather than assumed."""
     if not hasattr(torch, "fbgemm_linear_int8_weight_fp32_activation") or \
             "fbgemm" not in torch.backends.quantized.supported_engines:
         return 0
@@ -153,65 +183,19 @@ def _fbgemm_mm(x2: Tensor, packed: tuple[Tensor, Tensor, Tensor, Tensor]) -> Ten
     return torch.fbgemm_linear_int8_weight_fp32_activation(x2, w_t, mat, col_sums, 1.0, 0, zeros)
 
 
-# The per-tensor op's kernel in this process: "fbgemm" where torch has a usable one, unless
-# OPTCC_INT8_GEMM=int_mm|fp32 forces the per-token op's choice (INT8_GEMM then is the forced
-# one). Each weight still takes fbgemm only if its codes fit fbgemm_exact_qmax.
-INT8_GEMM_TENSOR = "fbgemm" if os.environ.get("OPTCC_INT8_GEMM") not in ("int_mm", "fp32") and fbgemm_exact_qmax() \
-    else INT8_GEMM
-
-_X86 = ("x86_64", "AMD64", "i386", "i686")
-
-
-LAYOUTS = ("u8s8", "u8s7", "u8u8")
-
-
-def onnx_int8_layout() -> str:
-    """How the ONNX int8-dynamic translation stores weights, and so which onnxruntime GEMM runs:
-
-    - "u8s8": int8 weights (what onnxruntime's own quantizer emits). On x86 with VNNI / AMX the
-      u8·s8 GEMM accumulates in int32 (exact) and is about 2x faster than u8·u8 (6.6 vs 12.4 ms
-      for a 1024×384→1536 layer, 2 threads, Zen 4).
-    - "u8s7": int8 weights kept to 7 bits ([-63, 63]). On x86 without VNNI (AVX2's vpmaddubsw)
-      the u8·s8 GEMM sums pairs of u8·s8 products in int16 and saturates on full-range codes
-      (255·127·2 > 32767: 13% error); with |w| <= 63 a pair sum stays under 32767 (255·63·2 =
-      32130), so the same fast kernel is exact: 5.54 vs 6.86 ms for u8·u8 on the layer above on a
-      2-core AVX2 EPYC (benchmarks/int8_gemm.py). The cost is one bit of weight precision (about 6 dB of weight SQNR).
-    - "u8u8": weights offset by 128 to uint8 (zero point 128): exact on every onnxruntime kernel,
-      8-bit weights, slower on x86. Taken on CPUs other than x86.
-
-    The choice is made on the machine that compiles (an artifact meant for a different CPU: set
-    it); OPTCC_ONNX_INT8=u8s8|u8s7|u8u8 overrides it, and emit's artifact check fails a u8s8
-    artifact that saturates on the machine that checks it."""
-    forced = os.environ.get("OPTCC_ONNX_INT8")
-    if forced in LAYOUTS:
-        return forced
-    if platform.machine() not in _X86:
-        return "u8u8"
-    return "u8s8" if _cpu_flags() & {"avx512_vnni", "avx_vnni", "amx_int8"} else "u8s7"
-
-
-def int8_weight_qmax() -> int:
-    """Largest int8-dynamic weight code for this machine's ONNX layout: 63 for u8s7, else 127."""
-    return 63 if onnx_int8_layout() == "u8s7" else QMAX8
-
-
-def per_tensor_gemm_kernel() -> str:
-    """What optcc::linear_dq_int8_tensor runs for weights quantized now (int8_weight_qmax): "fbgemm"
-    (torch's fbgemm int8 GEMM) where it is exact for them, else int8_gemm_kernel's choice. fbgemm
-    quantizes the activations itself with DynamicQuantizeLinear's range, scale and zero point but
-    rounds x · (1/scale) rather than x / scale: about one code in 150,000 differs by one from
-    onnxruntime's. One 1024×384→1536 layer on a 2-core AVX2 EPYC: 4.0 ms, against 6.7 for the fp32
-    linear and 8.6 for the codes multiplied in fp32 (docs/quantize.md)."""
-    if INT8_GEMM_TENSOR == "fbgemm" and int8_weight_qmax() <= fbgemm_exact_qmax():
-        return "fbgemm"
-    return INT8_GEMM
+def _check_choice(gemm: str, onnx_weights: str) -> None:
+    if gemm not in GEMMS or onnx_weights not in LAYOUTS:
+        raise ValueError(f"gemm must be one of {GEMMS} and onnx_weights one of {LAYOUTS}, got {gemm!r}, {onnx_weights!r}")
 
 
 @torch.library.custom_op("optcc::linear_dq_int8", mutates_args=())
-def linear_dq_int8(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """x: [..., in] f32; w_q: [in, out] int8; w_scale: [out] f32; bias: [out] → [..., out]."""
+def linear_dq_int8(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor], gemm: str,
+                   onnx_weights: str) -> Tensor:
+    """x: [..., in] f32; w_q: [in, out] int8; w_scale: [out] f32; bias: [out] → [..., out].
+    gemm: int_mm | fp32 (the integer codes multiplied in fp32); onnx_weights only reaches ONNX."""
+    _check_choice(gemm, onnx_weights)
     q, s = quantize_per_token(x.reshape(-1, x.shape[-1]))
-    acc = torch._int_mm(q, w_q).to(torch.float32) if INT8_GEMM == "int_mm" else torch.mm(q.to(torch.float32), w_q.to(torch.float32))
+    acc = torch._int_mm(q, w_q).to(torch.float32) if gemm == "int_mm" else torch.mm(q.to(torch.float32), w_q.to(torch.float32))
     # (acc · w_scale) · s + bias: the order onnxruntime's MatMulIntegerToFloat + Mul + Add use
     y = acc.mul_(w_scale).mul_(s)
     if bias is not None:
@@ -219,7 +203,7 @@ def linear_dq_int8(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tenso
     return y.reshape(*x.shape[:-1], w_q.shape[1])
 
 
-def _linear_fake(x, w_q, w_scale, bias):
+def _linear_fake(x, w_q, w_scale, bias, *choices):
     """Output shape of the ops whose weights are [in, out]: [..., out]."""
     return x.new_empty((*x.shape[:-1], w_q.shape[1]))
 
@@ -228,7 +212,7 @@ linear_dq_int8.register_fake(_linear_fake)
 
 
 def _weights_u8(w_q):
-    """int8 weights as uint8 + 128 (zero point 128), for the u8u8 layout (see onnx_int8_layout). It reads
+    """int8 weights as uint8 + 128 (zero point 128), for the u8u8 layout (see suggest_layout). It reads
     only the initializer, so onnxruntime folds it once when the session is created."""
     import onnx_ir as ir
     from onnxscript import opset18 as op
@@ -237,7 +221,7 @@ def _weights_u8(w_q):
     return op.Cast(op.Add(op.Cast(w_q, to=i32), op.Constant(value=ir.tensor(128, dtype=i32))), to=ir.DataType.UINT8)
 
 
-def _onnx_linear_dq_int8(x, w_q, w_scale, bias=None):
+def _onnx_linear_dq_int8(x, w_q, w_scale, bias=None, gemm: str = "fp32", onnx_weights: str = "u8u8"):
     import onnx_ir as ir
     from onnxscript import opset18 as op
 
@@ -254,7 +238,7 @@ def _onnx_linear_dq_int8(x, w_q, w_scale, bias=None):
     # int32 accumulate, then acc · w_scale in the GEMM epilogue (a_scale 1: the per-token scale
     # cannot go there, onnxruntime takes a scalar a_scale), then · s and + bias.
     a_zp = op.Constant(value=ir.tensor(128, dtype=u8))
-    if onnx_int8_layout() in ("u8s8", "u8s7"):  # u8s7: the pass kept the codes to 7 bits
+    if onnx_weights in ("u8s8", "u8s7"):  # u8s7: the pass kept the codes to 7 bits
         y = _contrib("MatMulIntegerToFloat")(q, w_q, op.Constant(value_float=1.0), w_scale, a_zp)
     else:
         y = _contrib("MatMulIntegerToFloat")(q, _weights_u8(w_q), op.Constant(value_float=1.0), w_scale, a_zp,
@@ -264,17 +248,20 @@ def _onnx_linear_dq_int8(x, w_q, w_scale, bias=None):
 
 
 @torch.library.custom_op("optcc::linear_dq_int8_tensor", mutates_args=())
-def linear_dq_int8_tensor(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor]) -> Tensor:
+def linear_dq_int8_tensor(x: Tensor, w_q: Tensor, w_scale: Tensor, bias: Optional[Tensor], gemm: str,
+                          onnx_weights: str) -> Tensor:
     """Per-tensor dynamic uint8 activations (one scale and zero point for the whole x, as ONNX
     DynamicQuantizeLinear) × per-channel int8 weights. x: [..., in]; w_q: [in, out] int8;
-    w_scale: [out]; bias: [out] → [..., out]."""
+    w_scale: [out]; bias: [out] → [..., out]. gemm: fbgemm (torch's fbgemm int8 GEMM where it is
+    exact for these weights here, else the codes in fp32) | int_mm | fp32."""
+    _check_choice(gemm, onnx_weights)
     x2 = x.reshape(-1, x.shape[-1])
-    packed = _fbgemm_weights(w_q) if INT8_GEMM_TENSOR == "fbgemm" else None
+    packed = _fbgemm_weights(w_q) if gemm == "fbgemm" else None
     if packed is not None:  # fbgemm quantizes x2 itself and applies its scale
         y = _fbgemm_mm(x2.to(torch.float32).contiguous(), packed).mul_(w_scale)
     else:
         q, s, zp = quantize_per_tensor_u8(x2)
-        if INT8_GEMM == "int_mm":  # uint8 codes as int8 (q - 128), the offset added back through the weights' column sums
+        if gemm == "int_mm":  # uint8 codes as int8 (q - 128), the offset added back through the weights' column sums
             acc = torch._int_mm((q - 128.0).to(torch.int8), w_q) + ((128.0 - zp).to(torch.int32) * w_q.sum(0, dtype=torch.int32))
             acc = acc.to(torch.float32)
         else:
@@ -309,13 +296,13 @@ def _fbgemm_weights(w_q: Tensor) -> Optional[tuple[Tensor, Tensor, Tensor, Tenso
     return cached[1]
 
 
-def _onnx_linear_dq_int8_tensor(x, w_q, w_scale, bias=None):
+def _onnx_linear_dq_int8_tensor(x, w_q, w_scale, bias=None, gemm: str = "fp32", onnx_weights: str = "u8u8"):
     """One com.microsoft DynamicQuantizeMatMul: onnxruntime quantizes x per tensor, runs the integer
     GEMM and applies both scales and the bias in one kernel (what its own quantizer fuses to)."""
     import onnx_ir as ir
     from onnxscript import opset18 as op
 
-    if onnx_int8_layout() in ("u8s8", "u8s7"):
+    if onnx_weights in ("u8s8", "u8s7"):
         return _contrib("DynamicQuantizeMatMul")(x, w_q, w_scale, None, bias)
     zp = op.Constant(value=ir.tensor(128, dtype=ir.DataType.UINT8))
     return _contrib("DynamicQuantizeMatMul")(x, _weights_u8(w_q), w_scale, zp, bias)
