@@ -32,6 +32,7 @@ def __getattr__(name: str):
 # be registered before torch.export.load reads such a file, in any process. That needs
 # torch, so `import optcc` imports it here.
 from optcc.ops import quantized as _qops  # noqa: E402,F401
+from optcc.ops import kv_cache as _kv_cache  # noqa: E402,F401
 # The Triton kernels attach themselves to those ops on CUDA (optcc/ops/kernels; triton is only
 # needed when a kernel first launches), so a quantized .pt2 loaded on a GPU runs them.
 from optcc.ops import kernels as _kernels  # noqa: E402,F401

@@ -24,8 +24,9 @@ from typing import Literal
 import torch
 import torch.fx as fx
 
-from optcc.algorithms import kvmath
-from optcc.graph.cacheio import CacheIO, fake_like, node_order, retarget_sizes
+from optcc.ops import kv_cache
+from optcc.graph.cacheio import CacheIO, fake_like, retarget_sizes
+from optcc.graph.fx import node_order
 from optcc.pipeline.context import PassContext
 from optcc.errors import PassError
 from optcc.pipeline.registry import PassResult, register
@@ -72,15 +73,15 @@ def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
             anchor = ph
             new.append(ph)
         stack = io.present[name].meta.get("nn_module_stack")
-        first_use = min((u for u in past.users if u.op == "call_function"), key=node_order(g), default=None)
+        first_use = min((u for u in past.users if u.op == "call_function"), key=node_order(g).__getitem__, default=None)
         if first_use is None:
             raise PassError(f"kv_quant: cache input past_{name} is never read", "this is a bug; run with --debug")
         with g.inserting_before(first_use):
-            restored = g.call_function(kvmath.dequantize_int8, tuple(new))
+            restored = g.call_function(kv_cache.kv_dequantize_int8, tuple(new))
         retarget_sizes(past, new[0])
         past.replace_all_uses_with(restored)
         with g.inserting_before(io.output):
-            packed = g.call_function(kvmath.quantize_int8, (io.present[name],))
+            packed = g.call_function(kv_cache.kv_quantize_int8, (io.present[name],))
             outs = [g.call_function(operator.getitem, (packed, k)) for k in range(2)]
         for node in (restored, packed, *outs):
             if stack:

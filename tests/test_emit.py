@@ -22,7 +22,7 @@ class MaskedAttention(torch.nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).flatten(2)
 
 
-def test_softmax_nan_guard_dropped_when_masks_are_finite(tmp_path):
+def test_boolean_mask_keeps_torchs_zeros_for_a_fully_padded_row(tmp_path):
     torch.manual_seed(0)
     model = MaskedAttention().eval()
     mask = torch.ones(3, 5, dtype=torch.long)
@@ -31,14 +31,40 @@ def test_softmax_nan_guard_dropped_when_masks_are_finite(tmp_path):
     ep = torch.export.export(model, (), inputs, strict=False)
     path = emit_onnx(ep, inputs, tmp_path, 18)
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
-    assert "Softmax" in ops and "IsNaN" not in ops
+    assert "Softmax" in ops and "IsNaN" in ops  # a boolean mask: the guard gives torch's zeros (see below)
     run = load_onnx(path)
     with torch.no_grad():
         torch.testing.assert_close(run(inputs)[0], model(**inputs), atol=1e-5, rtol=1e-5)
-        mask[2] = 0  # a fully padded row, the case the guard is for: finite, like torch's
+        mask[2] = 0  # a fully padded row, the case the guard is for: torch's sdpa gives zeros
         got, want = run(inputs)[0], model(**inputs)
-    assert not torch.isnan(got).any()
-    torch.testing.assert_close(got[:2], want[:2], atol=1e-5, rtol=1e-5)
+    assert not torch.isnan(got).any() and (want[2] == 0).all()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # every row, the padded one too
+
+
+class AdditiveMaskAttention(MaskedAttention):
+    """The same attention over a float mask with finfo.min where padded (what HF encoders pass)."""
+
+    def forward(self, x, attention_mask):
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 2, 8).permute(2, 0, 3, 1, 4)
+        bias = (1.0 - attention_mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).flatten(2)
+
+
+def test_softmax_nan_guard_dropped_when_masks_are_finite_and_padded_rows_still_agree(tmp_path):
+    torch.manual_seed(0)
+    model = AdditiveMaskAttention().eval()
+    mask = torch.ones(3, 5, dtype=torch.long)
+    mask[1, 3:] = 0
+    inputs = {"x": torch.randn(3, 5, 16), "attention_mask": mask}
+    ep = torch.export.export(model, (), inputs, strict=False)
+    path = emit_onnx(ep, inputs, tmp_path, 18)
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "Softmax" in ops and "IsNaN" not in ops  # no logit can be -inf: the guard only cost time
+    run = load_onnx(path)
+    with torch.no_grad():
+        mask[2] = 0  # fully padded: finite logits, so torch and onnxruntime both average V
+        got, want = run(inputs)[0], model(**inputs)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_softmax_nan_guard_kept_when_a_constant_is_infinite():
@@ -52,6 +78,22 @@ def test_softmax_nan_guard_kept_when_a_constant_is_infinite():
     graph.register_initializer(ninf)
     assert drop_softmax_nan_guards(graph) == 0  # -inf present (and the guard is a graph output)
     assert [n.op_type for n in graph] == ["Softmax", "IsNaN", "Where"]
+
+
+def test_softmax_nan_guard_kept_when_a_large_buffer_holds_minus_inf():
+    """A causal mask buffer is large: every float constant counts, whatever its size."""
+    x = ir.val("x", ir.DataType.FLOAT, [2, 4])
+    sm = ir.node("Softmax", [x], attributes={"axis": -1})
+    nan = ir.node("IsNaN", sm.outputs)
+    zero = ir.Value(name="zero", const_value=ir.tensor(np.array(0.0, np.float32)))
+    where = ir.node("Where", [nan.outputs[0], zero, sm.outputs[0]])
+    y = ir.node("Relu", where.outputs)
+    graph = ir.Graph([x], y.outputs, nodes=[sm, nan, where, y], initializers=[zero], opset_imports={"": 18})
+    mask = np.triu(np.full((128, 128), -np.inf, np.float32), 1)  # 16384 elements
+    graph.register_initializer(ir.Value(name="causal", const_value=ir.tensor(mask)))
+    assert drop_softmax_nan_guards(graph) == 0
+    graph.initializers["causal"].const_value = ir.tensor(np.nan_to_num(mask, neginf=-1e4))
+    assert drop_softmax_nan_guards(graph) == 1  # the same graph with a finite buffer loses it
 
 
 class PostNormBlock(torch.nn.Module):

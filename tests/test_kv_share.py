@@ -106,7 +106,7 @@ def _run(source, task, body: str, edit=None):
     cfg = convert(parse_yaml(body, "t.yaml"), Config, "kv_share", "t.yaml")
     with no_guard_module():
         gm, records = run_passes(gm, (PassStep("kv_share", cfg, 1),), ctx)
-    return prep, gm, ctx, records[0], before
+    return prep, gm, ctx, records[0].to_dict(), before
 
 
 def _make_pair_identical(i: int, j: int):
@@ -273,9 +273,10 @@ def test_artifact_check_allows_a_near_tie_swap_of_retained_tokens_and_nothing_el
     """Merge retains the least similar token pairs by sorting float cosines; an artifact whose
     float rounding differs may swap a near-tied pair at the boundary (seen with int8 linears on
     the random llama-100m). emit's check accepts one such swap per (batch, head) and still
-    compares every other vector."""
+    compares every other vector: kv_share hands its align to the check (PassResult.align)."""
     from optcc.export.emit import verify
     from optcc.errors import ExportError
+    from optcc.passes.kv_share import align_retained
     g = torch.Generator().manual_seed(0)
     names = ["logits", "present_key_0_1_dir", "present_key_0_norm", "present_key_1_norm",
              "present_key_0_1_kept_at", "present_key_0_1_kept"]
@@ -291,16 +292,17 @@ def test_artifact_check_allows_a_near_tie_swap_of_retained_tokens_and_nothing_el
     expected = outputs(at)
     swapped = at.clone()
     swapped[0, 0, 1, 0] = 2  # head 0 keeps position 2 instead of 1
-    check = verify(lambda _: outputs(swapped), {}, expected, 0, "a.onnx", 1e-3, names)
+    check = verify(lambda _: outputs(swapped), {}, expected, 0, "a.onnx", 1e-3, names, aligners=[align_retained])
     assert check["retained_swaps"] == 1 and check["max_abs_err"] == 0
     assert "retained_swaps" not in verify(lambda _: expected, {}, expected, 0, "a.onnx", 1e-3)
     with pytest.raises(ExportError, match="retains 2 other token positions"):
-        verify(lambda _: outputs(torch.tensor([[[[5], [6]], [[3], [4]]]])), {}, expected, 0, "a.onnx", 1e-3, names)
+        verify(lambda _: outputs(torch.tensor([[[[5], [6]], [[3], [4]]]])), {}, expected, 0, "a.onnx", 1e-3, names,
+               aligners=[align_retained])
     drifted = direction.clone()
     drifted[0, 1, 6] += 1.0  # a merged (not swapped) position that differs is still caught
     with pytest.raises(ExportError, match="differs from the optimized graph"):
-        verify(lambda _: outputs(swapped, drifted), {}, expected, 0, "a.onnx", 1e-3, names)
+        verify(lambda _: outputs(swapped, drifted), {}, expected, 0, "a.onnx", 1e-3, names, aligners=[align_retained])
     wrong_kept = outputs(swapped)
     wrong_kept[5] = wrong_kept[5] + 1.0  # a vector both sides retained
     with pytest.raises(ExportError, match="differs from the optimized graph"):
-        verify(lambda _: wrong_kept, {}, expected, 0, "a.onnx", 1e-3, names)
+        verify(lambda _: wrong_kept, {}, expected, 0, "a.onnx", 1e-3, names, aligners=[align_retained])

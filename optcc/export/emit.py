@@ -5,20 +5,17 @@ from __future__ import annotations
 import hashlib
 import io
 import math
-import struct
-import zipfile
-import zlib
 import logging
 import warnings
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.fx as fx
 
-from optcc.algorithms import kvmath
+from optcc.compat import pin_serialization_id
 from optcc.graph.capture import capture, flat_outputs, load_exported
 from optcc.errors import ExportError
 from optcc.measure.metrics import fidelity
@@ -100,41 +97,8 @@ def emit_torch(ep: torch.export.ExportedProgram, out: Path) -> Path:
             torch.export.save(ep, str(path))
     except Exception as e:
         raise ExportError(f"saving model.pt2 failed: {type(e).__name__}: {e}", "run with --debug") from e
-    _pin_serialization_id(path)
+    pin_serialization_id(path)
     return path
-
-
-def _pin_serialization_id(path: Path) -> None:
-    """Overwrite the zip record `.data/serialization_id` (random per save) in place
-    with digits derived from the other records' CRCs, and fix its CRC fields."""
-    data = bytearray(path.read_bytes())
-    with zipfile.ZipFile(path) as z:
-        infos = z.infolist()
-    targets = [i for i in infos if i.filename.endswith(".data/serialization_id") and i.compress_type == zipfile.ZIP_STORED]
-    digest = hashlib.sha256()
-    for i in infos:
-        if i not in targets:
-            digest.update(i.filename.encode() + struct.pack("<I", i.CRC))
-    for info in targets:
-        off, size = info.header_offset, info.file_size
-        name_len, extra_len = struct.unpack("<HH", data[off + 26: off + 30])
-        start = off + 30 + name_len + extra_len
-        new = str(int(digest.hexdigest(), 16)).rjust(size, "0")[:size].encode()
-        data[start: start + size] = new
-        crc = struct.pack("<I", zlib.crc32(new))
-        data[off + 14: off + 18] = crc  # local header
-        flags = struct.unpack("<H", data[off + 6: off + 8])[0]
-        if flags & 0x8:  # data descriptor after the data, with or without its signature
-            desc = start + size + (4 if data[start + size: start + size + 4] == b"PK\x07\x08" else 0)
-            data[desc: desc + 4] = crc
-        pos = data.find(b"PK\x01\x02")
-        name = info.filename.encode()
-        while pos >= 0:  # central directory entry
-            n = struct.unpack("<H", data[pos + 28: pos + 30])[0]
-            if data[pos + 46: pos + 46 + n] == name:
-                data[pos + 16: pos + 20] = crc
-            pos = data.find(b"PK\x01\x02", pos + 4)
-    path.write_bytes(bytes(data))
 
 
 def load_torch(path: Path) -> Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]:
@@ -151,8 +115,8 @@ def load_torch(path: Path) -> Callable[[dict[str, torch.Tensor]], list[torch.Ten
     return run
 
 
-def _small_consts_finite(graph) -> bool:
-    """Every small float constant (scalars, masks' fill values) in the graph is finite."""
+def _consts_finite(graph) -> bool:
+    """Every float constant of the graph (initializers of any size, Constant nodes) is finite."""
     import numpy as np
 
     tensors = [v.const_value for v in graph.initializers.values() if v.const_value is not None]
@@ -160,9 +124,38 @@ def _small_consts_finite(graph) -> bool:
                 if a.name in ("value", "value_float", "value_floats")]
     for t in tensors:
         arr = np.asarray(t.numpy() if hasattr(t, "numpy") else t)
-        if arr.dtype.kind == "f" and arr.size <= 4096 and not np.isfinite(arr).all():
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
             return False
     return True
+
+
+def boolean_mask_fill_to_inf(graph) -> int:
+    """Give boolean attention masks torch's meaning for a fully masked row: zeros.
+
+    torch.onnx translates sdpa's boolean mask as Where(mask, 0, finfo.min) added to the logits,
+    so a row whose keys are all masked gets a uniform softmax (the mean of V), where torch's sdpa
+    returns 0. With -inf as the fill the row's softmax is NaN, and the exporter's own guard
+    Where(IsNaN(softmax), 0, softmax) turns it into the zeros torch gives. Rewrites the fill of
+    each such Where that feeds (through one Add) a guarded Softmax; returns how many."""
+    import numpy as np
+    import onnx_ir as ir
+
+    lowest = float(np.finfo(np.float32).min)
+    rewritten = 0
+    for where in [n for n in graph if n.op_type == "Where" and len(n.inputs) == 3]:
+        fill = where.inputs[2]
+        if fill is None or fill.const_value is None or fill.const_value.numpy().size != 1 \
+                or float(fill.const_value.numpy().reshape(())) != lowest:
+            continue
+        adds = [u.node for u in where.outputs[0].uses() if u.node.op_type == "Add"]
+        softmaxes = [u.node for a in adds for u in a.outputs[0].uses() if u.node.op_type == "Softmax"]
+        if not softmaxes or not all(any(u.node.op_type == "IsNaN" for u in sm.outputs[0].uses()) for sm in softmaxes):
+            continue
+        ninf = ir.node("Constant", [], {"value": ir.tensor(np.array(-np.inf, dtype=np.float32))})
+        graph.insert_before(where, ninf)
+        where.replace_input_with(2, ninf.outputs[0])
+        rewritten += 1
+    return rewritten
 
 
 def drop_softmax_nan_guards(graph) -> int:
@@ -170,11 +163,12 @@ def drop_softmax_nan_guards(graph) -> int:
 
     torch.onnx writes it for scaled_dot_product_attention so that a fully masked row
     (every logit -inf) gives 0 like torch, not NaN. Softmax over finite logits never
-    gives NaN, so where every small constant of the graph (mask fill values: HF models
+    gives NaN, so where every float constant of the graph (mask fill values: HF models
     use finfo.min) is finite the guard only costs two passes over the [batch, heads,
     q, k] probabilities per layer (~15% of MiniLM's int8 latency). Graphs with an -inf
-    constant keep it. Returns the number of guards removed."""
-    if not _small_consts_finite(graph):
+    constant of any size (a boolean mask's fill, see boolean_mask_fill_to_inf, or a
+    causal mask buffer) keep it. Returns the number of guards removed."""
+    if not _consts_finite(graph):
         return 0
     removed = 0
     for where in [n for n in graph if n.op_type == "Where" and len(n.inputs) == 3]:
@@ -238,6 +232,7 @@ def emit_onnx(ep: torch.export.ExportedProgram, inputs: dict[str, torch.Tensor],
             prog = torch.onnx.export(ep, (), kwargs=dict(inputs), dynamo=True, opset_version=opset,
                                      external_data=large, optimize=True, verbose=False,
                                      custom_translation_table=dict(ONNX_TRANSLATIONS) or None)
+            boolean_mask_fill_to_inf(prog.model.graph)
             drop_softmax_nan_guards(prog.model.graph)
             flatten_residual_layernorms(prog.model.graph)
             for value, name in zip(prog.model.graph.outputs, output_names or []):
@@ -283,7 +278,8 @@ def quantization_noise(expected: list[torch.Tensor], reference: list[torch.Tenso
 
 
 def verify(runner, inputs: dict[str, torch.Tensor], expected: list[torch.Tensor], primary: int, what: str, atol: float,
-           names: list[str] | None = None, noise: list[float | None] | None = None) -> dict:
+           names: list[str] | None = None, noise: list[float | None] | None = None,
+           aligners: Sequence[Callable] = ()) -> dict:
     """Run a re-loaded artifact and compare it with the optimized graph's outputs.
 
     Float outputs may differ by `atol` relative to the largest output magnitude. A graph that
@@ -291,7 +287,8 @@ def verify(runner, inputs: dict[str, torch.Tensor], expected: list[torch.Tensor]
     its own error against the original model: the artifact computes the same codes in another
     runtime, and one code flipped at a rounding boundary moves later values by up to a
     quantization step, which is the size of that error. A wrong kernel, scale or layout gives
-    errors well beyond it."""
+    errors well beyond it. `aligners` (the passes' PassResult.align) first adjust outputs that a
+    pass lets differ legitimately, and add their stats to the check."""
     try:
         got = runner(inputs)
     except Exception as e:
@@ -301,7 +298,13 @@ def verify(runner, inputs: dict[str, torch.Tensor], expected: list[torch.Tensor]
     for g, e in zip(got, expected):
         if tuple(g.shape) != tuple(e.shape):
             raise ExportError(f"{what} output shape {tuple(g.shape)} differs from {tuple(e.shape)}", "run with --debug")
-    got, expected, swaps = _align_retained(got, expected, names or [], what)
+    aligned = {}
+    for align in aligners:
+        try:
+            got, expected, found = align(list(got), list(expected), list(names or []))
+        except ValueError as e:
+            raise ExportError(f"{what}: {e}", "run with --debug") from e
+        aligned.update(found)
     scale = max(1.0, max((float(e.float().abs().max()) for e in expected if e.numel() and e.is_floating_point()), default=1.0))
     worst, allowed_worst = 0.0, atol * scale
     # the graph's quantization error relative to each float output's range: codes stored by the
@@ -336,52 +339,14 @@ def verify(runner, inputs: dict[str, torch.Tensor], expected: list[torch.Tensor]
     check["allowed_abs_err"] = allowed_worst
     check["criterion"] = "quantization-noise" if noise else "atol"
     check.update(code_check or {})
-    if swaps is not None:
-        check["retained_swaps"] = swaps
+    check.update(aligned)
     return check
-
-
-def _align_retained(got: list[torch.Tensor], expected: list[torch.Tensor], names: list[str], what: str):
-    """kv_share merge's cache keeps the least similar token pairs of each (batch, head) unmerged:
-    `<pair>_kept_at` [B, H, R, 1] positions, `<pair>_kept` [B, H, R, D] their vectors, and
-    `<pair>_dir` (or kv_quant's `<pair>_dir_int8` / `_dir_scale`) [B, H, L, *] with a retained
-    position holding another vector than a merged one. The choice sorts float cosines, so
-    the artifact may swap a near-tied pair at the boundary when its float rounding differs from
-    the graph's (int8 linears upstream make that likely on random weights). Such swaps are
-    allowed, at most max(1, R // 4) per (batch, head); the vectors at swapped positions are left
-    out of the comparison, and the retained vectors are compared where both sides kept them.
-    Returns the outputs to compare and the number of swaps (None without merged slots)."""
-    index = {n: i for i, n in enumerate(names)}
-    pairs = [n[: -len("_kept_at")] for n in names if n.endswith("_kept_at")]
-    if not pairs or len(names) != len(expected):
-        return got, expected, None
-    got, expected, total = list(got), list(expected), 0
-    for pair in pairs:
-        i_at, i_kept = index[f"{pair}_kept_at"], index.get(f"{pair}_kept")
-        dirs = [index[n] for n in (f"{pair}_dir", f"{pair}_dir_int8", f"{pair}_dir_scale") if n in index]
-        if i_kept is None or not dirs:
-            continue
-        e_at, g_at = expected[i_at], got[i_at]
-        length = expected[dirs[0]].shape[2]
-        swapped, swaps = kvmath.retention_swaps(e_at, g_at, length)
-        allowed = max(1, e_at.shape[2] // 4)
-        if swaps.numel() and int(swaps.max()) > allowed:
-            raise ExportError(f"{what} {pair}: retains {int(swaps.max())} other token positions than the graph in one "
-                              f"(batch, head) (allowed {allowed} near-tie swaps)", "run with --debug")
-        total += int(swaps.sum())
-        hide = swapped.unsqueeze(-1)  # a retained vector on one side, a merged one on the other
-        for i in dirs:
-            expected[i], got[i] = expected[i].masked_fill(hide, 0), got[i].masked_fill(hide, 0)
-        expected[i_kept] = kvmath.kept_by_position(e_at, expected[i_kept], length).masked_fill(hide, 0)
-        got[i_kept] = kvmath.kept_by_position(g_at, got[i_kept], length).masked_fill(hide, 0)
-        expected[i_at] = got[i_at] = torch.zeros(0, dtype=torch.int64)
-    return got, expected, total
 
 
 def emit_all(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], formats: tuple[str, ...], opset: int,
              out: Path, primary: int, atol: float, dynamic: bool, threads: int | None = None,
              shapes: dict | None = None, output_names: list[str] | None = None,
-             rounding_reference: list[torch.Tensor] | None = None) -> list[Artifact]:
+             rounding_reference: list[torch.Tensor] | None = None, aligners: Sequence[Callable] = ()) -> list[Artifact]:
     """Export, re-load and check each format. `rounding_reference` (the original model's outputs
     on `inputs`), given when a pass rounds values, lets artifacts differ from the graph by up to
     the graph's own quantization error (see verify)."""
@@ -397,6 +362,6 @@ def emit_all(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], formats: tuple
         else:
             path = emit_onnx(ep, inputs, out, opset, output_names)
             runner = load_onnx(path, threads)
-        check = verify(runner, inputs, expected, primary, path.name, atol, output_names, noise)
+        check = verify(runner, inputs, expected, primary, path.name, atol, output_names, noise, aligners)
         artifacts.append(Artifact(fmt, path, runner, check))
     return artifacts
