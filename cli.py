@@ -218,8 +218,13 @@ def validate(
 
 
 @app.command()
-def schema() -> None:
-    """Print the recipe's JSON Schema."""
+def schema(report: bool = typer.Option(False, "--report", help="the schema of report.json instead")) -> None:
+    """Print the recipe's JSON Schema (or, with --report, report.json's)."""
+    if report:
+        from optcc.report.records import report_json_schema
+
+        typer.echo(json.dumps(report_json_schema(), indent=2))
+        return
     from optcc.config.recipe import recipe_json_schema
 
     typer.echo(json.dumps(recipe_json_schema(), indent=2))

@@ -50,7 +50,7 @@ def last(n: int, k: int) -> list[int]:
 
 def skipped(gm, ctx: PassContext, cfg) -> tuple[torch.fx.GraphModule, dict]:
     gm, records = run_passes(copy.deepcopy(gm), (PassStep("layer_skip", cfg, 1),), ctx)
-    return gm, records[0]
+    return gm, records[0].to_dict()
 
 
 def selections(gm, ctx: PassContext, n: int, k: int, score, picks) -> tuple[list[str], dict]:

@@ -52,7 +52,7 @@ THREADS = 2
 def merged(ep, ctx: PassContext, params: str):
     recipe = parse_recipe(f"version: 1\npasses:\n  - token_merge: {params}\n")
     gm, records = run_passes(ep.module(), recipe.passes, ctx)
-    return gm, records[0]
+    return gm, records[0].to_dict()
 
 
 def speed(rs: list[int], iters: int, work: Path) -> None:

@@ -33,10 +33,11 @@ from optcc.measure.generation import bench_generation, prompt_ids
 from optcc.intake.load import TOKEN_TASKS, LoadedModel, load_model, make_inputs
 from optcc.pipeline.manager import run_passes
 from optcc.measure.metrics import fidelity
-from optcc.config.recipe import Recipe, dump_lock, load_recipe
+from optcc.config.recipe import Recipe, dump_lock, load_recipe, resolve_auto
 from optcc.config.gates import check_requirements, regressions
 from optcc.report.diff import waterfall_html
 from optcc.report.markdown import to_markdown
+from optcc.report.records import ModelInfo, PassRecord, RecipeInfo, Report
 from optcc.config.schema import json_schema
 from optcc.graph.stats import graph_stats
 from optcc.graph.structure import Structure
@@ -189,12 +190,15 @@ def apply(recipe_path: str | Path, model: Optional[str] = None, out: str | Path 
           baseline: Optional[str | Path] = None, tolerance: Optional[float] = None) -> dict:
     """Run a recipe on a model and write artifacts + report into `out` atomically.
 
-    Returns the report dict. Raises RequirementError (after writing everything) when a
-    `require:` gate fails or, given a previous `baseline` report.json, a metric regressed
-    beyond `tolerance`; any other OptccError leaves `out` untouched.
+    Returns the report (report.json's content). Raises RequirementError (after writing
+    everything) when a `require:` gate fails or, given a previous `baseline` report.json, a
+    metric regressed beyond `tolerance`; any other OptccError leaves `out` untouched.
+
+    The stages, in order: recipe (with `auto` resolved for this machine), intake, baseline
+    metric, capture, passes, emit, evaluate, bench, report, gates.
     """
     t_start = time.perf_counter()
-    recipe = load_recipe(recipe_path)
+    recipe, chosen = resolve_auto(load_recipe(recipe_path))
     previous = _read_report(baseline) if baseline else None
     source = model or recipe.model.source
     if not source:
@@ -205,23 +209,52 @@ def apply(recipe_path: str | Path, model: Optional[str] = None, out: str | Path 
     on_event("stage", name="load model")
     prep = prepare(source, task, weights, recipe)
     with no_guard_module() if prep.cache else contextlib.nullcontext():
-        return _apply(recipe, recipe_path, source, prep, out, on_event, previous, baseline, tolerance, t_start)
+        evalset, base_metric = _baseline_metric(prep, recipe, on_event)
+        on_event("stage", name="capture")
+        gm, ctx, captured = _capture(prep, recipe, evalset, base_metric, on_event)
+        on_event("stage", name="passes")
+        gm, records = run_passes(gm, recipe.passes, ctx, on_pass=lambda n, i, k: on_event("pass", name=n, i=i, n=k))
+        with _staging(out) as tmp:
+            on_event("stage", name="emit")
+            artifacts = emit_checked(gm, ctx, records, recipe, tmp)
+            if ctx.cache:  # what `optcc run` needs to drive the decoder artifact
+                (tmp / "decoder.json").write_text(json.dumps(ctx.cache.to_dict(), indent=2) + "\n")
+            fid, task_metric = _evaluate_artifacts(prep, ctx, artifacts, evalset, base_metric, on_event)
+            latency, generation = _bench_artifacts(prep, ctx, artifacts, recipe, on_event)
+            report = Report(
+                optcc_report=1,
+                recipe=RecipeInfo(str(recipe_path), recipe.to_dict(), chosen),
+                model=ModelInfo(source, prep.lm.name, prep.lm.task, sum(p.numel() for p in prep.lm.module.parameters()),
+                                prep.lm.weights_sha256, prep.causal),
+                inputs={k: list(v.shape) for k, v in ctx.inputs.items()},  # the artifacts' inputs (after passes)
+                latency=latency, fidelity=fid, task_metric=task_metric, generation=generation,
+                greedy_match=generation["greedy_match"] if generation else None,
+                captured=captured, passes=records, artifacts=[a.to_dict(tmp) for a in artifacts],
+                memory={"process_peak_rss_mb": round(peak_rss_mb(), 1)}, environment=environment(),
+                requirements=[], regressions=[], seconds=0.0,
+            )
+            data = _write_outputs(tmp, report, recipe, chosen, prep, t_start, previous, tolerance)
+    for a in data["artifacts"]:
+        a["path"] = str(out / a["path"])
+    _raise_on_gates(data, out, baseline)
+    return data
 
 
-def _apply(recipe: Recipe, recipe_path, source: str, prep: Prepared, out: Path, on_event: Events,
-           previous: Optional[dict], baseline, tolerance: Optional[float], t_start: float) -> dict:
+def _baseline_metric(prep: Prepared, recipe: Recipe, on_event: Events):
+    """The evaluation set (None without data) and the original model's task metric on it."""
+    evalset = evaluation(prep.lm, recipe, _plain_ids(prep))
+    if evalset is None:
+        return None, None
+    evalset.batches = [prep.complete(b) for b in evalset.batches]
+    on_event("stage", name=f"evaluate baseline ({evalset.source})")
+    metric_for(evalset, recipe.evaluate.metric if recipe.evaluate else "auto")
+    return evalset, run_metric(evalset, lambda b: flat_outputs(prep.lm.module(**b)), prep.primary)
+
+
+def _capture(prep: Prepared, recipe: Recipe, evalset, base_metric, on_event: Events):
+    """The captured graph, the context its passes get, and its stats for the report."""
     lm = prep.lm
-    shapes = decoder_shapes(prep.cache) if prep.cache else None
-    evalset = evaluation(lm, recipe, _plain_ids(prep))
-    if evalset is not None:
-        evalset.batches = [prep.complete(b) for b in evalset.batches]
-    base_metric = None
-    if evalset is not None:
-        on_event("stage", name=f"evaluate baseline ({evalset.source})")
-        metric_for(evalset, recipe.evaluate.metric if recipe.evaluate else "auto")
-        base_metric = run_metric(evalset, lambda b: flat_outputs(lm.module(**b)), prep.primary)
-    on_event("stage", name="capture")
-    gm = capture(lm.module, prep.inputs, recipe.model.dynamic, shapes).module()
+    gm = capture(lm.module, prep.inputs, recipe.model.dynamic, decoder_shapes(prep.cache) if prep.cache else None).module()
     ctx = PassContext(lm.task, prep.inputs, prep.reference, prep.primary, prep.causal,
                       calibration=_cached(lambda: [prep.complete(b) for b in calibration(lm, recipe, _plain_ids(prep))]),
                       progress=_progress(on_event), cache=prep.cache, prefix=prep.prefix)
@@ -238,86 +271,84 @@ def _apply(recipe: Recipe, recipe_path, source: str, prep: Prepared, out: Path, 
                 "latency_ms": ctx.time_graphs({"captured": ctx.captured_run})["captured"] if ctx.time_graphs else None,
                 "task_metric": base_metric and strip(compare(base_metric, base_metric))}
     if evalset is not None:
-        ctx.evaluate = lambda g: strip(compare(base_metric, run_metric(evalset, _fitted(lambda b: run_graph(g, b), prep.cache and prep.cache.follow(g)), prep.primary)))
-    on_event("stage", name="passes")
-    gm, records = run_passes(gm, recipe.passes, ctx, on_pass=lambda n, i, k: on_event("pass", name=n, i=i, n=k))
-    # Artifacts take the graph's inputs; for decoders a pass may have changed the cache layout.
-    inputs, cache = ctx.inputs, ctx.cache
+        ctx.evaluate = lambda g: strip(compare(base_metric, run_metric(
+            evalset, _fitted(lambda b: run_graph(g, b), prep.cache and prep.cache.follow(g)), prep.primary)))
+    return gm, ctx, captured
 
+
+def _evaluate_artifacts(prep: Prepared, ctx: PassContext, artifacts, evalset, base_metric, on_event: Events):
+    """(fidelity of the worst artifact with by_artifact, task metric of the worst artifact or None)."""
+    logits = prep.lm.task != "feature-extraction"
+    fid_by = {a.format: fidelity(prep.reference[prep.primary], a.runner(ctx.inputs)[prep.primary], logits=logits)
+              for a in artifacts}
+    fid = {**min(fid_by.values(), key=lambda f: f["cosine_mean"]), "by_artifact": fid_by}
+    if evalset is None:
+        return fid, None
+    on_event("stage", name="evaluate artifacts")
+    by = {a.format: strip(compare(base_metric, run_metric(evalset, _fitted(a.runner, ctx.cache), prep.primary)))
+          for a in artifacts}
+    sign = 1.0 if base_metric["metric"] == "perplexity" else -1.0  # which direction is worse
+    worst = max(by, key=lambda k: sign * by[k]["delta"])
+    return fid, {"metric": base_metric["metric"], "source": evalset.source, "samples": evalset.samples,
+                 "baseline": base_metric["value"], "optimized": by[worst]["value"], "delta": by[worst]["delta"],
+                 "by_artifact": by}
+
+
+def _bench_artifacts(prep: Prepared, ctx: PassContext, artifacts, recipe: Recipe, on_event: Events):
+    """(latency, generation) when the recipe benchmarks, else (None, None)."""
+    if not recipe.bench.enabled:
+        return None, None
+    on_event("stage", name="bench")
+    latency = _bench(prep.lm, prep, artifacts, recipe, ctx.inputs)
+    if not prep.cache:
+        return latency, None
+    on_event("stage", name="bench generation")
+    return latency, _bench_generation(prep.lm, prep, artifacts, recipe, ctx.cache)
+
+
+def _write_outputs(tmp: Path, report: Report, recipe: Recipe, chosen: list[dict], prep: Prepared, t_start: float,
+                   previous: Optional[dict], tolerance: Optional[float]) -> dict:
+    """report.json, report.md, waterfall.html, recipe.lock.yaml and graphs/ into `tmp`; the report's data."""
+    graphs = tmp / "graphs"
+    graphs.mkdir()
+    for rec in report.passes:
+        name = f"{rec.step:02d}-{rec.name}.diff"
+        (graphs / name).write_text("\n".join(rec.graph_diff) + "\n")
+        rec.graph_diff = f"graphs/{name}"
+    data = report.to_dict()
+    data["requirements"] = check_requirements(data, recipe.require)
+    data["regressions"] = regressions(data, previous, tolerance) if previous else []
+    data["seconds"] = round(time.perf_counter() - t_start, 2)
+    lock = dump_lock(recipe, {"model": {"source": report.model.source, "weights_sha256": report.model.weights_sha256},
+                              "inputs_sha256": _inputs_hash(prep.inputs),
+                              "chosen": chosen,
+                              "artifacts": {a["path"]: a["sha256"] for a in data["artifacts"]},
+                              "versions": {k: v for k, v in data["environment"].items()
+                                           if k in ("optcc", "python", "torch", "transformers", "onnx", "onnxruntime", "onnxscript")}})
+    (tmp / "report.json").write_text(json.dumps(data, indent=2) + "\n")
+    (tmp / "report.md").write_text(to_markdown(data))
+    (tmp / "waterfall.html").write_text(waterfall_html(data))
+    (tmp / "recipe.lock.yaml").write_text(lock)
+    return data
+
+
+@contextlib.contextmanager
+def _staging(out: Path):
+    """A fresh folder beside `out` to write into; it replaces `out` only when everything was written."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the output folder should look like any other
     try:
-        on_event("stage", name="emit")
-        artifacts = emit_checked(gm, ctx, records, recipe, tmp)
-        if cache:
-            (tmp / "decoder.json").write_text(json.dumps(cache.to_dict(), indent=2) + "\n")
-        fid_by = {a.format: fidelity(prep.reference[prep.primary], a.runner(inputs)[prep.primary],
-                                     logits=lm.task != "feature-extraction")
-                  for a in artifacts}
-        worst = min(fid_by.values(), key=lambda f: f["cosine_mean"])
-        task_metric = None
-        if evalset is not None:
-            on_event("stage", name="evaluate artifacts")
-            by = {a.format: strip(compare(base_metric, run_metric(evalset, _fitted(a.runner, cache), prep.primary)))
-                  for a in artifacts}
-            sign = 1.0 if base_metric["metric"] == "perplexity" else -1.0  # which direction is worse
-            worst_fmt = max(by, key=lambda k: sign * by[k]["delta"])
-            task_metric = {"metric": base_metric["metric"], "source": evalset.source, "samples": evalset.samples,
-                           "baseline": base_metric["value"], "optimized": by[worst_fmt]["value"],
-                           "delta": by[worst_fmt]["delta"], "by_artifact": by}
-        latency = generation = None
-        if recipe.bench.enabled:
-            on_event("stage", name="bench")
-            latency = _bench(lm, prep, artifacts, recipe, inputs)
-            if prep.cache:
-                on_event("stage", name="bench generation")
-                generation = _bench_generation(lm, prep, artifacts, recipe, cache)
-        report = {
-            "optcc_report": 1,
-            "recipe": {"path": str(recipe_path), "resolved": recipe.to_dict()},
-            "model": {"source": source, "name": lm.name, "task": lm.task,
-                      "params": sum(p.numel() for p in lm.module.parameters()),
-                      "weights_sha256": lm.weights_sha256, "causal": prep.causal},
-            "inputs": {k: list(v.shape) for k, v in inputs.items()},  # the artifacts' inputs (after passes)
-            "latency": latency,
-            "fidelity": {**worst, "by_artifact": fid_by},
-            "task_metric": task_metric,
-            "generation": generation,
-            "greedy_match": generation["greedy_match"] if generation else None,
-            "captured": captured,
-            "passes": records,
-            "artifacts": [a.to_dict(tmp) for a in artifacts],
-            "memory": {"process_peak_rss_mb": round(peak_rss_mb(), 1)},
-            "environment": environment(),
-            "seconds": None,
-        }
-        report["requirements"] = check_requirements(report, recipe.require)
-        report["regressions"] = regressions(report, previous, tolerance) if previous else []
-        report["seconds"] = round(time.perf_counter() - t_start, 2)
-        lock = dump_lock(recipe, {"model": {"source": source, "weights_sha256": lm.weights_sha256},
-                                  "inputs_sha256": _inputs_hash(prep.inputs),
-                                  "artifacts": {a["path"]: a["sha256"] for a in report["artifacts"]},
-                                  "versions": {k: v for k, v in report["environment"].items()
-                                               if k in ("optcc", "python", "torch", "transformers", "onnx", "onnxruntime", "onnxscript")}})
-        graphs = tmp / "graphs"
-        graphs.mkdir()
-        for rec in records:
-            diff = rec.pop("graph_diff")
-            rec["graph_diff"] = f"graphs/{rec['step']:02d}-{rec['name']}.diff"
-            (graphs / f"{rec['step']:02d}-{rec['name']}.diff").write_text("\n".join(diff) + "\n")
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-        (tmp / "report.md").write_text(to_markdown(report))
-        (tmp / "waterfall.html").write_text(waterfall_html(report))
-        (tmp / "recipe.lock.yaml").write_text(lock)
+        yield tmp
         _replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for a in report["artifacts"]:
-        a["path"] = str(out / a["path"])
+
+
+def _raise_on_gates(report: dict, out: Path, baseline) -> None:
     failed = [q for q in report["requirements"] if not q["ok"]]
     if failed:
         q = failed[0]
@@ -329,20 +360,19 @@ def _apply(recipe: Recipe, recipe_path, source: str, prep: Prepared, out: Path, 
         raise RequirementError(f"regression vs {baseline}: {q['metric']} {q['previous']:.4g} → {q['current']:.4g} "
                                f"(tolerance {q['tolerance']:g}{' relative' if q['relative'] else ''}); "
                                f"regressed: {', '.join(r['metric'] for r in regressed)}", f"see {out / 'report.md'}") from None
-    return report
 
 
-def emit_checked(gm, ctx: PassContext, records: list[dict], recipe: Recipe, out: Path) -> list:
+def emit_checked(gm, ctx: PassContext, records: list[PassRecord], recipe: Recipe, out: Path) -> list:
     """Write the recipe's artifact formats of the optimized graph into `out`, each re-loaded and
     checked against the graph on the graph's inputs (decoders: its own cache layout). When a pass
     that ran rounds values (PassSpec.rounds), the check allows the graph's own quantization error."""
     cache = ctx.cache
-    rounds = any(r["modified"] and registry.get(r["name"]).rounds for r in records)
+    rounds = any(r.modified and registry.get(r.name).rounds for r in records)
     with export_mode(cache) if cache else contextlib.nullcontext():
         return emit_all(gm, ctx.inputs, recipe.emit.formats, recipe.emit.opset, out, ctx.primary,
                         recipe.emit.atol, recipe.model.dynamic, torch.get_num_threads(),
                         decoder_shapes(cache) if cache else None, cache.output_names() if cache else None,
-                        rounding_reference=ctx.reference if rounds else None)
+                        rounding_reference=ctx.reference if rounds else None, aligners=ctx.aligners)
 
 
 def _read_report(path: str | Path) -> dict:

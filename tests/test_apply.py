@@ -31,6 +31,19 @@ def test_apply_vit_end_to_end(tmp_path, fast_recipe):
     assert "weights_sha256" in lock and "torch:" in lock
     assert "| onnxruntime |" in (out / "report.md").read_text()
     assert r["model"]["task"] == "image-classification"
+    _valid_report(on_disk)
+
+
+def _valid_report(report):
+    """report.json follows its published schema (docs/report.schema.json, from optcc/report/records.py)."""
+    import jsonschema
+
+    from conftest import ROOT
+    from optcc.report.records import report_json_schema
+
+    published = json.loads((ROOT / "docs" / "report.schema.json").read_text())
+    assert published == report_json_schema(), "regenerate: optcc schema --report > docs/report.schema.json"
+    jsonschema.validate(report, published)
 
 
 def test_artifacts_match_eager_and_keep_dynamic_batch(tmp_path, fast_recipe):
@@ -54,6 +67,7 @@ def test_llama_onnx_and_pt2(tmp_path, fast_recipe):
     assert r["model"]["causal"] is True
     assert r["fidelity"]["by_artifact"]["onnx"]["max_abs_err"] < 1e-4
     assert r["fidelity"]["top1_agreement"] == 1.0
+    _valid_report(json.loads((out / "report.json").read_text()))  # a decoder's report too (generation, cache inputs)
 
 
 def test_handwritten_factory(tmp_path, fast_recipe):

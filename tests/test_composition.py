@@ -87,9 +87,9 @@ def _run(fam: str, combo: tuple[str, ...]):
     recipe = parse_recipe(RECIPE % 16 + "passes:\n" + steps)  # also checks the order at load
     ctx = pass_context(prep)
     gm, records = run_passes(copy.deepcopy(gm), recipe.passes, ctx)
-    assert [r["name"] for r in records] == list(combo)
-    assert all(r["modified"] for r in records), [r["name"] for r in records if not r["modified"]]
-    fid = records[-1]["fidelity"]
+    assert [r.name for r in records] == list(combo)
+    assert all(r.modified for r in records), [r.name for r in records if not r.modified]
+    fid = records[-1].fidelity
     assert fid["finite"] and fid["cosine_mean"] > 0.5, fid  # random weights: structure, not quality
     return gm, ctx, records, recipe
 

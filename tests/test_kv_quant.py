@@ -43,7 +43,7 @@ def _run(source, task, passes: str):
     ctx = pass_context(prep)
     with no_guard_module():
         gm, records = run_passes(copy.deepcopy(gm), parse_recipe(f"version: 1\npasses: {passes}\n").passes, ctx)
-    return prep, gm, ctx, records
+    return prep, gm, ctx, [r.to_dict() for r in records]  # as report.json has them
 
 
 @pytest.mark.parametrize("source, task", [("builtin:tiny-llama", None), ("builtin:tiny-gpt2", None),

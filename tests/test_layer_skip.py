@@ -146,7 +146,7 @@ def _model_ctx(source, task=None):
 def _run(gm, ctx, **cfg):
     with no_guard_module() if ctx.cache else contextlib.nullcontext():
         gm, records = run_passes(gm, (PassStep("layer_skip", Config(**cfg), 1),), ctx)
-    return gm, records[0]
+    return gm, records[0].to_dict()
 
 
 def _tokens(b=2, t=8):

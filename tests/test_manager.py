@@ -47,7 +47,7 @@ def _step(name):
 def test_cleanup_is_lossless_and_removes_nodes(vit):
     gm, ctx = vit
     gm, records = run_passes(gm, (_step("cleanup"),), ctx)
-    r = records[0]
+    r = records[0].to_dict()
     assert r["modified"] and r["nodes_removed"] > 0 and r["nodes_added"] == 0
     assert r["stats"]["removed_by_op"]["dropout"] > 0
     assert r["after"]["nodes"] < r["before"]["nodes"]
@@ -69,7 +69,7 @@ def test_cleanup_keeps_a_contiguous_copy_that_a_later_view_needs():
     gm = capture(M(), {"x": x}).module()
     ctx = PassContext("tensor", {"x": x}, [M()(x)], 0)
     gm, records = run_passes(gm, (_step("cleanup"),), ctx)
-    assert records[0]["stats"]["removed_by_op"] == {"clone": 1}
+    assert records[0].stats["removed_by_op"] == {"clone": 1}
     assert torch.equal(gm(x=x), M()(x))
 
 
@@ -144,7 +144,7 @@ def test_ordering_constraint_checked_at_load(temp_pass):
 
 
 def test_per_block_counts_removed_added_rewired_and_bytes():
-    from optcc.graph.diff import per_block, snapshot
+    from optcc.graph.snapshot import per_block, snapshot
 
     class Block(torch.nn.Module):
         def __init__(self):
@@ -177,3 +177,44 @@ def test_per_block_counts_removed_added_rewired_and_bytes():
     r = rows["layers.1"]
     assert (r["removed"], r["added"], r["rewired"]) == (1, 0, 1)
     assert (r["bytes_before"], r["bytes_after"]) == (64, 32)
+
+
+def _halve(x):
+    return x * 0.5
+
+
+def test_a_pass_that_puts_a_python_function_into_the_graph_is_refused(vit, temp_pass):
+    """The pass contract: graphs hold ATen ops and torch.library ops, never Python callables."""
+    gm, ctx = vit
+
+    def python_target(gm, cfg, ctx):
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        x = out.args[0][0]
+        with gm.graph.inserting_before(out):
+            y = gm.graph.call_function(_halve, (x,))
+        out.args = ((y, *out.args[0][1:]),)
+        gm.recompile()
+        return PassResult(gm, modified=True)
+
+    temp_pass("python_target", python_target)
+    with pytest.raises(PassError, match="put _halve .* which is not a torch op"):
+        run_passes(gm, (_step("python_target"),), ctx)
+
+
+def test_kv_passes_insert_registered_ops():
+    """kv_share merge and kv_quant write their cache through optcc:: ops (optcc/ops/kv_cache.py)."""
+    from optcc.graph.fx import foreign_ops
+
+    recipe = parse_recipe("version: 1\nmodel: {inputs: {batch: 1, seq_len: 8}}\n")
+    prep = prepare("builtin:tiny-llama", None, None, recipe)
+    from optcc.intake.decoder import dynamic_shapes, no_guard_module
+    with no_guard_module():
+        gm = capture(prep.lm.module, prep.inputs, True, dynamic_shapes(prep.cache)).module()
+        ctx = PassContext(prep.lm.task, prep.inputs, prep.reference, prep.primary, prep.causal, cache=prep.cache,
+                          prefix=prep.prefix)
+        steps = parse_recipe("version: 1\npasses: [{kv_share: {mode: merge}}, kv_quant]\n").passes
+        gm, _ = run_passes(gm, steps, ctx)
+    targets = {n.target for n in gm.graph.nodes if n.op == "call_function"}
+    assert {torch.ops.optcc.kv_merge.default, torch.ops.optcc.kv_restore.default,
+            torch.ops.optcc.kv_quantize_int8.default, torch.ops.optcc.kv_dequantize_int8.default} <= targets
+    assert foreign_ops(gm.graph) == []

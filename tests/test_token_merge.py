@@ -208,7 +208,7 @@ def _fresh(source, task=None, inputs=None, seq_len=16):
 def _merge(gm, ctx, params):
     recipe = parse_recipe(f"version: 1\npasses:\n  - token_merge: {params}\n")
     gm, records = run_passes(gm, recipe.passes, ctx)
-    return gm, records[0]
+    return gm, records[0].to_dict()
 
 
 def test_r0_is_the_identity():

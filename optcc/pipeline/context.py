@@ -33,6 +33,7 @@ class PassContext:
     captured_run: Optional[Callable[[], object]] = None  # the captured graph on its own inputs, timed beside each pass
     cache: Optional[CacheSpec] = None  # decoder graphs: the cache layout `inputs` and calibration batches follow
     prefix: Optional[torch.Tensor] = None  # decoder graphs: the tokens whose cache `inputs` carry [B, P]
+    aligners: list[Callable] = field(default_factory=list)  # PassResult.align of the passes that ran
 
     def structure(self, gm: fx.GraphModule) -> Structure:
         s = analyze(gm)

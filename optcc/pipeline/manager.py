@@ -16,10 +16,12 @@ from optcc.pipeline import registry
 from optcc.graph.capture import run_graph
 from optcc.pipeline.context import PassContext
 from optcc.errors import OptccError, PassError
-from optcc.graph.diff import diff_lines, per_block, snapshot
+from optcc.graph.fx import foreign_ops
+from optcc.graph.snapshot import diff_lines, per_block, snapshot
 from optcc.measure.metrics import fidelity
 from optcc.config.recipe import PassStep
 from optcc.config.schema import to_dict
+from optcc.report.records import GraphStats, PassRecord
 from optcc.graph.stats import graph_stats, prune_unused
 
 LOSSLESS_ATOL = 1e-4
@@ -35,7 +37,7 @@ def run_passes(
     steps: tuple[PassStep, ...],
     ctx: PassContext,
     on_pass: Optional[Callable[[str, int, int], None]] = None,
-) -> tuple[fx.GraphModule, list[dict]]:
+) -> tuple[fx.GraphModule, list[PassRecord]]:
     records = []
     stats = graph_stats(gm, ctx.inputs)
     for i, step in enumerate(steps, start=1):
@@ -46,16 +48,25 @@ def run_passes(
         if spec.tasks is not None and ctx.task not in spec.tasks:
             raise PassError(f"{where}: does not apply to task '{ctx.task}'",
                             f"it works on {', '.join(spec.tasks)}; remove it from the recipe")
+        config, _ = registry.resolve(step.name, step.config)  # `auto` options the caller left (api resolves them first)
         snap_before = snapshot(gm)
         t0 = time.perf_counter()
         try:
-            result = spec.run(gm, step.config, ctx)
+            result = spec.run(gm, config, ctx)
         except OptccError as e:
             raise type(e)(f"{where}: {e.message}", e.hint) from e
         except Exception as e:
             raise PassError(f"{where} crashed: {type(e).__name__}: {e}", "run with --debug and report it") from e
         seconds = time.perf_counter() - t0
         gm = result.gm
+        if result.align is not None:
+            ctx.aligners.append(result.align)
+        foreign = [n for n in foreign_ops(gm.graph) if n.name not in {e["name"] for e in snap_before}]
+        if foreign:
+            n = foreign[0]
+            raise PassError(f"{where} put {getattr(n.target, '__qualname__', n.target)} (node {n.name}) into the graph, "
+                            "which is not a torch op", "passes insert ATen ops or ops registered with torch.library "
+                            "(see optcc/ops); this is a bug in the pass")
         try:
             gm.graph.lint()
             prune_unused(gm)
@@ -74,25 +85,17 @@ def run_passes(
         after = graph_stats(gm, ctx.inputs)
         timing = (ctx.time_graphs({"captured": ctx.captured_run, "graph": lambda: gm(**ctx.inputs)})
                   if ctx.time_graphs and ctx.captured_run else None)
-        records.append({
-            "name": step.name,
-            "step": i,
-            "config": to_dict(step.config),
-            "modified": bool(result.modified),
-            "nodes_added": len(names_after - names_before),
-            "nodes_removed": len(names_before - names_after),
-            "before": stats,
-            "after": after,
-            "fidelity": fid,
-            "seconds": round(seconds, 4),
-            "stats": result.stats,
-            "task_metric": ctx.evaluate(gm) if ctx.evaluate else None,
-            "latency_ms": timing and timing["graph"],
+        records.append(PassRecord(
+            name=step.name, step=i, config=to_dict(config), modified=bool(result.modified),
+            nodes_added=len(names_after - names_before), nodes_removed=len(names_before - names_after),
+            before=GraphStats(**stats), after=GraphStats(**after), fidelity=fid, seconds=round(seconds, 4),
+            stats=result.stats, task_metric=ctx.evaluate(gm) if ctx.evaluate else None,
+            latency_ms=timing and timing["graph"],
             # p50 of the captured graph over p50 of this one, timed interleaved in the same run
-            "speedup_vs_captured": timing and timing["captured"] / timing["graph"],
-            "blocks": per_block(snap_before, snap_after),
-            "graph_diff": diff_lines(snap_before, snap_after),  # moved to out/graphs/ by the writer
-        })
+            speedup_vs_captured=timing and timing["captured"] / timing["graph"],
+            blocks=per_block(snap_before, snap_after),
+            graph_diff=diff_lines(snap_before, snap_after),  # written to out/graphs/ by apply
+        ))
         stats = after
         ctx.history.append(step.name)
     return gm, records

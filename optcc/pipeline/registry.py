@@ -16,14 +16,22 @@ if TYPE_CHECKING:
     from optcc.pipeline.context import PassContext
 
 
+# How an artifact's outputs are compared with the graph's where a pass makes them differ
+# legitimately: (got, expected, output names) -> (got, expected, stats for the artifact check).
+Align = Callable[[list, list, list], tuple[list, list, dict]]
+
+
 @dataclass
 class PassResult:
     """What a pass hands back. `stats` is free-form JSON data for the report
-    (e.g. removed blocks, tokens per block); passes never print."""
+    (e.g. removed blocks, tokens per block); passes never print. `align`, when set, is
+    applied by the artifact check to every artifact built from this graph or a later one
+    (the pass knows its outputs; emit does not)."""
 
     gm: "torch.fx.GraphModule"
     modified: bool
     stats: dict[str, Any] = field(default_factory=dict)
+    align: Align | None = None
 
 
 @dataclass(frozen=True)
@@ -40,6 +48,10 @@ class PassSpec:
     rounds: bool
     after: tuple[str, ...]  # if present in a recipe, these passes must come earlier
     tasks: tuple[str, ...] | None  # tasks the pass accepts (None = any)
+    # Replaces the config's `auto` options by what suits this machine: (config, {option: why}).
+    # Called once per apply before any pass runs; the resolved config goes into the report and
+    # the lock, so applying the lock gives the same artifacts on any machine. None: no `auto`.
+    resolve: Callable[[Any], tuple[Any, dict[str, str]]] | None = None
 
 
 _REGISTRY: dict[str, PassSpec] = {}
@@ -54,6 +66,7 @@ def register(
     rounds: bool = False,
     after: tuple[str, ...] = (),
     tasks: tuple[str, ...] | None = None,
+    resolve: Callable[[Any], tuple[Any, dict[str, str]]] | None = None,
 ) -> Callable[[Callable[..., PassResult]], Callable[..., PassResult]]:
     if not dataclasses.is_dataclass(config):
         raise TypeError(f"pass {name}: config must be a dataclass")
@@ -61,7 +74,7 @@ def register(
     def deco(fn: Callable[..., PassResult]) -> Callable[..., PassResult]:
         if name in _REGISTRY:
             raise RuntimeError(f"pass '{name}' registered twice")
-        _REGISTRY[name] = PassSpec(name, config, fn, summary, lossless, rounds, tuple(after), tasks)
+        _REGISTRY[name] = PassSpec(name, config, fn, summary, lossless, rounds, tuple(after), tasks, resolve)
         return fn
 
     return deco
@@ -75,3 +88,9 @@ def registry() -> dict[str, PassSpec]:
 
 def get(name: str) -> PassSpec:
     return registry()[name]
+
+
+def resolve(name: str, config: Any) -> tuple[Any, dict[str, str]]:
+    """The step's config with its `auto` options chosen for this machine, and why each was chosen."""
+    spec = get(name)
+    return spec.resolve(config) if spec.resolve is not None else (config, {})
