@@ -37,7 +37,7 @@ def _sentence_batches(lm, batch: int, seq: int, limit: int):
 
 
 def _embed(run, ds) -> torch.Tensor:
-    from optcc.measure.metrics import mean_pool
+    from optcc.algorithms.metrics import mean_pool
 
     return torch.cat([mean_pool(run(b)[0].float(), b["attention_mask"]) for b in ds.batches])
 
@@ -45,7 +45,7 @@ def _embed(run, ds) -> torch.Tensor:
 def w1(quick: bool, threads: int, work: Path, recipes: list[Path]) -> list[dict]:
     """Sentence embeddings with the real all-MiniLM-L6-v2."""
     from optcc.intake.load import load_model
-    from optcc.measure.metrics import neighbour_agreement
+    from optcc.algorithms.metrics import neighbour_agreement
 
     try:
         lm = load_model("builtin:minilm")

@@ -152,7 +152,7 @@ def minilm(rs: list[int], seqs: list[int], iters: int) -> None:
     from benchmarks.quantize import sentences, timing_batch
     from benchmarks.suite import _embed, _sentence_batches
     from optcc.intake.load import load_model
-    from optcc.measure.metrics import mean_pool, neighbour_agreement
+    from optcc.algorithms.metrics import mean_pool, neighbour_agreement
 
     lm = load_model("builtin:minilm")
     tok = AutoTokenizer.from_pretrained(get_model_path())

@@ -32,7 +32,7 @@ from optcc.errors import IntakeError, RecipeError, RequirementError
 from optcc.measure.generation import bench_generation, prompt_ids
 from optcc.intake.load import TOKEN_TASKS, LoadedModel, load_model, make_inputs
 from optcc.pipeline.manager import run_passes
-from optcc.measure.metrics import fidelity
+from optcc.algorithms.metrics import fidelity
 from optcc.config.recipe import Recipe, dump_lock, load_recipe, resolve_auto
 from optcc.config.gates import check_requirements, regressions
 from optcc.report.diff import waterfall_html

@@ -3,6 +3,7 @@ and residual LayerNorms stay out of onnxruntime's slow SkipLayerNormalization.""
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -22,25 +23,6 @@ class MaskedAttention(torch.nn.Module):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=keep).transpose(1, 2).flatten(2)
 
 
-def test_boolean_mask_keeps_torchs_zeros_for_a_fully_padded_row(tmp_path):
-    torch.manual_seed(0)
-    model = MaskedAttention().eval()
-    mask = torch.ones(3, 5, dtype=torch.long)
-    mask[1, 3:] = 0
-    inputs = {"x": torch.randn(3, 5, 16), "attention_mask": mask}
-    ep = torch.export.export(model, (), inputs, strict=False)
-    path = emit_onnx(ep, inputs, tmp_path, 18)
-    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
-    assert "Softmax" in ops and "IsNaN" in ops  # a boolean mask: the guard gives torch's zeros (see below)
-    run = load_onnx(path)
-    with torch.no_grad():
-        torch.testing.assert_close(run(inputs)[0], model(**inputs), atol=1e-5, rtol=1e-5)
-        mask[2] = 0  # a fully padded row, the case the guard is for: torch's sdpa gives zeros
-        got, want = run(inputs)[0], model(**inputs)
-    assert not torch.isnan(got).any() and (want[2] == 0).all()
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # every row, the padded one too
-
-
 class AdditiveMaskAttention(MaskedAttention):
     """The same attention over a float mask with finfo.min where padded (what HF encoders pass)."""
 
@@ -50,45 +32,50 @@ class AdditiveMaskAttention(MaskedAttention):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias).transpose(1, 2).flatten(2)
 
 
-def test_softmax_nan_guard_dropped_when_masks_are_finite_and_padded_rows_still_agree(tmp_path):
+@pytest.mark.parametrize("model_cls, guard", [
+    (MaskedAttention, True),  # a boolean mask: the guard turns a fully padded row into torch's zeros
+    (AdditiveMaskAttention, False),  # finite logits only: the guard only cost time, and both runtimes average V
+])
+def test_fully_padded_rows_agree_with_torch_and_the_nan_guard_stays_only_where_needed(tmp_path, model_cls, guard):
     torch.manual_seed(0)
-    model = AdditiveMaskAttention().eval()
+    model = model_cls().eval()
     mask = torch.ones(3, 5, dtype=torch.long)
     mask[1, 3:] = 0
     inputs = {"x": torch.randn(3, 5, 16), "attention_mask": mask}
     ep = torch.export.export(model, (), inputs, strict=False)
     path = emit_onnx(ep, inputs, tmp_path, 18)
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
-    assert "Softmax" in ops and "IsNaN" not in ops  # no logit can be -inf: the guard only cost time
+    assert "Softmax" in ops and ("IsNaN" in ops) == guard
     run = load_onnx(path)
     with torch.no_grad():
-        mask[2] = 0  # fully padded: finite logits, so torch and onnxruntime both average V
+        torch.testing.assert_close(run(inputs)[0], model(**inputs), atol=1e-5, rtol=1e-5)
+        mask[2] = 0  # a fully padded row
         got, want = run(inputs)[0], model(**inputs)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert not torch.isnan(got).any() and bool((want[2] == 0).all()) == guard
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)  # every row, the padded one too
 
 
-def test_softmax_nan_guard_kept_when_a_constant_is_infinite():
+def _guarded_softmax(output_after_guard: bool):
+    """Softmax -> Where(IsNaN(softmax), 0, softmax), as the exporter writes it, optionally followed by a Relu."""
     x = ir.val("x", ir.DataType.FLOAT, [2, 4])
     sm = ir.node("Softmax", [x], attributes={"axis": -1})
     nan = ir.node("IsNaN", sm.outputs)
     zero = ir.Value(name="zero", const_value=ir.tensor(np.array(0.0, np.float32)))
     where = ir.node("Where", [nan.outputs[0], zero, sm.outputs[0]])
-    graph = ir.Graph([x], where.outputs, nodes=[sm, nan, where], initializers=[zero], opset_imports={"": 18})
-    ninf = ir.Value(name="fill", const_value=ir.tensor(np.array(-np.inf, np.float32)))
-    graph.register_initializer(ninf)
+    nodes = [sm, nan, where] + ([ir.node("Relu", where.outputs)] if output_after_guard else [])
+    return ir.Graph([x], nodes[-1].outputs, nodes=nodes, initializers=[zero], opset_imports={"": 18})
+
+
+def test_softmax_nan_guard_kept_when_a_constant_is_infinite():
+    graph = _guarded_softmax(False)
+    graph.register_initializer(ir.Value(name="fill", const_value=ir.tensor(np.array(-np.inf, np.float32))))
     assert drop_softmax_nan_guards(graph) == 0  # -inf present (and the guard is a graph output)
     assert [n.op_type for n in graph] == ["Softmax", "IsNaN", "Where"]
 
 
 def test_softmax_nan_guard_kept_when_a_large_buffer_holds_minus_inf():
     """A causal mask buffer is large: every float constant counts, whatever its size."""
-    x = ir.val("x", ir.DataType.FLOAT, [2, 4])
-    sm = ir.node("Softmax", [x], attributes={"axis": -1})
-    nan = ir.node("IsNaN", sm.outputs)
-    zero = ir.Value(name="zero", const_value=ir.tensor(np.array(0.0, np.float32)))
-    where = ir.node("Where", [nan.outputs[0], zero, sm.outputs[0]])
-    y = ir.node("Relu", where.outputs)
-    graph = ir.Graph([x], y.outputs, nodes=[sm, nan, where, y], initializers=[zero], opset_imports={"": 18})
+    graph = _guarded_softmax(True)
     mask = np.triu(np.full((128, 128), -np.inf, np.float32), 1)  # 16384 elements
     graph.register_initializer(ir.Value(name="causal", const_value=ir.tensor(mask)))
     assert drop_softmax_nan_guards(graph) == 0

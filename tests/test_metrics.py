@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from optcc.measure import metrics
+from optcc.algorithms import metrics
 
 
 def test_accuracy_perfect_and_chance():

@@ -1,1 +1,2 @@
-"""Pure tensor math behind the passes, no graph code: ToMe merging (tome.py), KV merging (kvmath.py), quantizers (quantizers.py), layer influence (influence.py)."""
+"""Pure tensor math, no graph code: ToMe merging (tome.py), KV merging (kvmath.py), quantizers
+(quantizers.py), layer influence (influence.py), fidelity and task metrics (metrics.py)."""

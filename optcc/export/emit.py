@@ -16,9 +16,10 @@ import torch
 import torch.fx as fx
 
 from optcc.compat import pin_serialization_id
+from optcc.ops import ONNX_TRANSLATIONS  # filled by the op modules on `import optcc`
 from optcc.graph.capture import capture, flat_outputs, load_exported
 from optcc.errors import ExportError
-from optcc.measure.metrics import fidelity
+from optcc.algorithms.metrics import fidelity
 
 
 @dataclass
@@ -68,15 +69,6 @@ def _quiet():
         for lg, lv in zip(loggers, levels):
             lg.setLevel(lv)
 
-
-# Custom torch.library ops → onnxscript translation functions. Filled by the modules
-# that define custom ops (optcc.ops.quantized registers on `import optcc`); emit stays ignorant
-# of what they are and hands the table to torch.onnx.export.
-ONNX_TRANSLATIONS: dict[Callable, Callable] = {}
-
-
-def register_onnx_translation(op: Callable, fn: Callable) -> None:
-    ONNX_TRANSLATIONS[op] = fn
 
 
 def export_program(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], dynamic: bool,

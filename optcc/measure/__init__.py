@@ -1,1 +1,2 @@
-"""Stage 6, measurement: latency (latency.py), generation speed (generation.py), task metrics (task.py), fidelity math (metrics.py) and machine facts (environment.py)."""
+"""Stage 6, measurement: latency (latency.py), generation speed (generation.py), task metrics on
+evaluation data (task.py) and machine facts (environment.py)."""

@@ -13,7 +13,7 @@ import torch
 
 from optcc.intake.data import Dataset
 from optcc.errors import RecipeError
-from optcc.measure.metrics import mean_pool, neighbour_agreement, paraphrase_retrieval
+from optcc.algorithms.metrics import mean_pool, neighbour_agreement, paraphrase_retrieval
 
 Runner = Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]
 METRIC_OF_KIND = {"images": "accuracy", "tensors": "accuracy", "text": "perplexity", "sentences": "embedding"}

@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from optcc.export.emit import register_onnx_translation
+from optcc.ops import register_onnx_translation
 from optcc.algorithms.quantizers import QMAX8, EPS, quantize_per_tensor_u8, quantize_per_token, unpack_int4, unpack_zero_points
 
 

@@ -18,7 +18,7 @@ from optcc.pipeline.context import PassContext
 from optcc.errors import OptccError, PassError
 from optcc.graph.fx import foreign_ops
 from optcc.graph.snapshot import diff_lines, per_block, snapshot
-from optcc.measure.metrics import fidelity
+from optcc.algorithms.metrics import fidelity
 from optcc.config.recipe import PassStep
 from optcc.config.schema import to_dict
 from optcc.report.records import GraphStats, PassRecord
