@@ -71,7 +71,7 @@ def prepare(source: str, task: Optional[str], weights: Optional[str], recipe: Re
     inputs = make_inputs(lm, recipe.model.inputs)
     with torch.no_grad():
         out = lm.module(**inputs)
-    causal = probe_causal(lm, inputs, out)
+    causal = measure_causality(lm, inputs, out)
     if lm.task != "text-generation":
         return Prepared(lm, inputs, flat_outputs(out), primary_index(out), causal)
     if causal is False:
@@ -94,7 +94,7 @@ def prepare(source: str, task: Optional[str], weights: Optional[str], recipe: Re
     return Prepared(lm, example, flat_outputs(out), 0, causal, spec, ids[:, :past_len])
 
 
-def probe_causal(lm: LoadedModel, inputs: dict[str, torch.Tensor], out: Any) -> Optional[bool]:
+def measure_causality(lm: LoadedModel, inputs: dict[str, torch.Tensor], out: Any) -> Optional[bool]:
     """Measure causality: change the last token and see whether earlier positions move."""
     if lm.task not in TOKEN_TASKS or "input_ids" not in inputs or inputs["input_ids"].shape[1] < 2:
         return None

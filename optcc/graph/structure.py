@@ -406,7 +406,7 @@ def _outside(nodes, blocks, linears, order, gm):
 
 
 def mark_causal(struct: Structure, causal: Optional[bool]) -> None:
-    """Record a model-level causality finding (measured by probing, see analysis.probe_causal)."""
+    """Record a model-level causality finding (measured on the original model, see api.measure_causality)."""
     if causal is None:
         return
     struct.causal = causal
