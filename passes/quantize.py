@@ -19,9 +19,8 @@ from typing import Literal, Optional
 import torch
 import torch.fx as fx
 
-from optcc.ops import quantized  # noqa: F401  (qops registers the optcc:: ops)
-
 from optcc.algorithms import quantizers
+from optcc.ops import quantized  # registers the optcc:: linear ops; suggests `auto` choices
 from optcc.graph.capture import graph_snapshot
 from optcc.pipeline.context import PassContext
 from optcc.errors import PassError
