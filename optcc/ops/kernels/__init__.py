@@ -8,7 +8,7 @@ on first launch):
   CPU / any device: the torch reference. CUDA: the Triton kernel.
 - optcc::tome_match(metric, protected, valid?) -> (node_max, node_idx) — ToMe's
   fused A·Bᵀ row max/argmax (see tome.py). CPU: torch reference. CUDA: Triton.
-- a CUDA kernel for the quantize pass's optcc::linear_w4 (optcc/quantized.py): same
+- a CUDA kernel for the quantize pass's optcc::linear_w4 (optcc/ops/quantized.py): same
   layout, so a model.pt2 quantized on CPU runs the Triton kernel when loaded on a
   GPU; its CPU implementation is untouched.
 
