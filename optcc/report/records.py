@@ -59,9 +59,6 @@ class PassRecord:
 
 @dataclass
 class RecipeInfo:
-    """The recipe as it ran: `resolved` is what recipe.lock.yaml holds, so applying the lock
-    rebuilds the same artifacts on any machine."""
-
     path: str = field(help="the recipe file given to apply")
     resolved: Json = field(help="the recipe with defaults filled and `auto` resolved")
     chosen: list[Json] = field(help="each `auto` option and why it took its value: step, pass, option, value, why")
@@ -84,7 +81,8 @@ class Report:
     """report.json, version 1."""
 
     optcc_report: int = field(help="report format version (1)")
-    recipe: RecipeInfo = field(help="the recipe as run")
+    recipe: RecipeInfo = field(help="the recipe as run; `resolved` is what recipe.lock.yaml holds, so applying "
+                                    "the lock rebuilds the same artifacts on any machine")
     model: ModelInfo = field(help="the model as loaded")
     inputs: dict[str, list[int]] = field(help="the artifacts' input shapes (after passes)")
     latency: Optional[Json] = field(help="baseline (torch eager fp32) and each artifact, timed interleaved: baseline, "
