@@ -222,6 +222,7 @@ def _table(workload: str, case: str, cs: list[H.Contender], inputs: dict, model,
 def render(rows: list[dict], env: dict, peak: float, quick: bool) -> str:
     lines = [f"# optcc benchmarks {'(quick smoke run: shapes are tiny, numbers mean nothing)' if quick else ''}", "",
              f"- date: {env['date']}, machine: {env['machine']}, CPU: {env['cpu']}, threads: {env['threads']}",
+             f"- CPU flags that decide kernel speed: {', '.join(env.get('cpu_flags') or []) or 'none of them'}",
              f"- torch {env['torch']}, onnxruntime {env['onnxruntime']}, transformers {env['transformers']}, optcc {env['optcc']}",
              f"- measured fp32 GEMM peak on this machine/threads: {peak:.1f} GFLOP/s (1024³ matmul)",
              "- method: every contender of a case is timed round-robin in one process on the same inputs and threads "

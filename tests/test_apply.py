@@ -31,6 +31,9 @@ def test_apply_vit_end_to_end(tmp_path, fast_recipe):
     assert "weights_sha256" in lock and "torch:" in lock
     assert "| onnxruntime |" in (out / "report.md").read_text()
     assert r["model"]["task"] == "image-classification"
+    from optcc.ops.quantized import cpu_flags
+    assert on_disk["environment"]["cpu"] and set(on_disk["environment"]["cpu_flags"]) <= cpu_flags()
+    assert ("avx2" in cpu_flags()) == ("avx2" in on_disk["environment"]["cpu_flags"])
     _valid_report(on_disk)
 
 

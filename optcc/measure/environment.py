@@ -25,8 +25,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+# The CPU features that decide which kernels are fast: bf16 / int8 dot products, AMX tiles.
+RELEVANT_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "avx512_fp16",
+                  "amx_tile", "amx_bf16", "amx_int8", "asimddp", "i8mm", "bf16", "sve")
+
+
 def environment() -> dict:
     from optcc import __version__
+    from optcc.ops.quantized import cpu_flags
 
     return {
         "optcc": __version__,
@@ -38,5 +44,6 @@ def environment() -> dict:
         "onnxscript": _version("onnxscript"),
         "platform": platform.platform(),
         "cpu": cpu_model(),
+        "cpu_flags": [f for f in RELEVANT_FLAGS if f in cpu_flags()],
         "threads": torch.get_num_threads(),
     }
