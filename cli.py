@@ -6,7 +6,6 @@ next step and a distinct exit code (see optcc.errors); --debug shows tracebacks.
 from __future__ import annotations
 
 import json
-import sys
 import traceback
 from pathlib import Path
 from typing import Callable, Optional
@@ -56,7 +55,7 @@ def apply(
 ) -> None:
     """Run a recipe on a model: passes → verified artifacts → report."""
     from optcc.api import apply as run_apply
-    from optcc.report.terminal import console, report_tables
+    from optcc.report.terminal import console
     from optcc.report.progress import Progress
 
     def go() -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional
 
-import torch
 import torch.fx as fx
 
 from optcc.algorithms import influence

@@ -15,7 +15,7 @@ import yaml
 from optcc.pipeline import registry as reg
 from optcc.errors import RecipeError
 from optcc.config.gates import EXPR, METRICS
-from optcc.config.schema import Located, build_dataclass, convert, did_you_mean, field, json_schema, parse_yaml, to_dict, _Ctx
+from optcc.config.schema import Located, convert, did_you_mean, field, json_schema, parse_yaml, to_dict, _Ctx
 
 RECIPE_VERSION = 1
 TASKS = ("image-classification", "text-classification", "feature-extraction", "text-generation", "tensor")

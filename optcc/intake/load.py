@@ -14,7 +14,7 @@ import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -55,7 +55,6 @@ class LoadedModel:
 def load_model(source: str, task: Optional[str] = None, weights: Optional[str] = None) -> LoadedModel:
     if task is not None and task not in TASKS:
         raise IntakeError(f"--task {task}: unknown task", f"use one of {', '.join(TASKS)}")
-    zoo = None
     if source.startswith("builtin:"):
         b = builtin.resolve(source.split(":", 1)[1])
         built = b.build()

@@ -50,6 +50,7 @@ def run_passes(
                             f"it works on {', '.join(spec.tasks)}; remove it from the recipe")
         config, _ = registry.resolve(step.name, step.config)  # `auto` options the caller left (api resolves them first)
         snap_before = snapshot(gm)
+        names_before = {e["name"] for e in snap_before}
         t0 = time.perf_counter()
         try:
             result = spec.run(gm, config, ctx)
@@ -61,7 +62,7 @@ def run_passes(
         gm = result.gm
         if result.align is not None:
             ctx.aligners.append(result.align)
-        foreign = [n for n in foreign_ops(gm.graph) if n.name not in {e["name"] for e in snap_before}]
+        foreign = [n for n in foreign_ops(gm.graph) if n.name not in names_before]
         if foreign:
             n = foreign[0]
             raise PassError(f"{where} put {getattr(n.target, '__qualname__', n.target)} (node {n.name}) into the graph, "
@@ -80,7 +81,6 @@ def run_passes(
                             "this is a bug in the pass; run with --debug") from e
         fid = _check_outputs(outputs, ctx, where, spec.lossless)
         snap_after = snapshot(gm)
-        names_before = {e["name"] for e in snap_before}
         names_after = {e["name"] for e in snap_after}
         after = graph_stats(gm, ctx.inputs)
         timing = (ctx.time_graphs({"captured": ctx.captured_run, "graph": lambda: gm(**ctx.inputs)})

@@ -23,7 +23,7 @@ def to_markdown(r: dict) -> str:
     lines = [f"# optcc report: {r['model']['name']}", ""]
     lines += [f"- model: `{r['model']['source']}` ({r['model']['task']}, {r['model']['params']:,} parameters)",
               f"- recipe: `{r['recipe']['path']}`",
-              f"- inputs: " + ", ".join(f"{k} {v}" for k, v in r["inputs"].items()),
+              "- inputs: " + ", ".join(f"{k} {v}" for k, v in r["inputs"].items()),
               f"- threads: {r['environment']['threads']}, cpu: {r['environment']['cpu']}", ""]
     lat = r.get("latency") or {}
     if lat.get("baseline"):
