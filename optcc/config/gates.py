@@ -66,10 +66,15 @@ METRICS: dict[str, Callable[[dict], Any]] = {
 
 
 def check_requirements(report: dict, require: dict[str, str]) -> list[dict]:
+    return check_values({metric: METRICS[metric](report) for metric in require}, require)
+
+
+def check_values(values: dict[str, Any], require: dict[str, str]) -> list[dict]:
+    """check_requirements on metric values already read (a missing one fails as not measured)."""
     out = []
     for metric, expr in require.items():
         op, bound = _parse(expr)
-        value = METRICS[metric](report)
+        value = values.get(metric)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and _OPS[op](float(value), bound)
         out.append({"metric": metric, "require": expr, "value": value, "ok": bool(ok),
                     "margin": _margin(op, float(value), bound) if isinstance(value, (int, float)) else None,
