@@ -1,6 +1,6 @@
 """optcc: a declarative compiler that rewrites trained PyTorch models for deployment.
 
-The Python API mirrors the CLI: `apply`, `inspect_model`, `load_recipe`, `list_passes`.
+The Python API mirrors the CLI: `apply`, `tune`, `inspect_model`, `load_recipe`, `list_passes`.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ if not _os.path.isdir(_os.path.join(_here, "passes")) and _os.path.isfile(
 
 def __getattr__(name: str):
     # Lazy so that `import optcc` stays cheap (torch is imported on first use).
-    if name in {"apply", "inspect_model", "list_passes", "load_recipe"}:
+    if name in {"apply", "inspect_model", "list_passes", "load_recipe", "tune"}:
         from optcc import api
 
         return getattr(api, name)

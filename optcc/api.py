@@ -177,7 +177,7 @@ def list_passes() -> list[dict]:
     ]
 
 
-def _inputs_hash(inputs: dict[str, torch.Tensor]) -> str:
+def inputs_hash(inputs: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(inputs):
         h.update(k.encode())
@@ -209,9 +209,9 @@ def apply(recipe_path: str | Path, model: Optional[str] = None, out: str | Path 
     on_event("stage", name="load model")
     prep = prepare(source, task, weights, recipe)
     with no_guard_module() if prep.cache else contextlib.nullcontext():
-        evalset, base_metric = _baseline_metric(prep, recipe, on_event)
+        evalset, base_metric = baseline_metric(prep, recipe, on_event)
         on_event("stage", name="capture")
-        gm, ctx, captured = _capture(prep, recipe, evalset, base_metric, on_event)
+        gm, ctx, captured = capture_graph(prep, recipe, evalset, base_metric, on_event)
         on_event("stage", name="passes")
         gm, records = run_passes(gm, recipe.passes, ctx, on_pass=lambda n, i, k: on_event("pass", name=n, i=i, n=k))
         with _staging(out) as tmp:
@@ -240,7 +240,7 @@ def apply(recipe_path: str | Path, model: Optional[str] = None, out: str | Path 
     return data
 
 
-def _baseline_metric(prep: Prepared, recipe: Recipe, on_event: Events):
+def baseline_metric(prep: Prepared, recipe: Recipe, on_event: Events):
     """The evaluation set (None without data) and the original model's task metric on it."""
     evalset = evaluation(prep.lm, recipe, _plain_ids(prep))
     if evalset is None:
@@ -251,7 +251,7 @@ def _baseline_metric(prep: Prepared, recipe: Recipe, on_event: Events):
     return evalset, run_metric(evalset, lambda b: flat_outputs(prep.lm.module(**b)), prep.primary)
 
 
-def _capture(prep: Prepared, recipe: Recipe, evalset, base_metric, on_event: Events):
+def capture_graph(prep: Prepared, recipe: Recipe, evalset, base_metric, on_event: Events):
     """The captured graph, the context its passes get, and its stats for the report."""
     lm = prep.lm
     gm = capture(lm.module, prep.inputs, recipe.model.dynamic, decoder_shapes(prep.cache) if prep.cache else None).module()
@@ -320,7 +320,7 @@ def _write_outputs(tmp: Path, report: Report, recipe: Recipe, chosen: list[dict]
     data["regressions"] = regressions(data, previous, tolerance) if previous else []
     data["seconds"] = round(time.perf_counter() - t_start, 2)
     lock = dump_lock(recipe, {"model": {"source": report.model.source, "weights_sha256": report.model.weights_sha256},
-                              "inputs_sha256": _inputs_hash(prep.inputs),
+                              "inputs_sha256": inputs_hash(prep.inputs),
                               "chosen": chosen,
                               "artifacts": {a["path"]: a["sha256"] for a in data["artifacts"]},
                               "versions": {k: v for k, v in data["environment"].items()
@@ -475,3 +475,11 @@ def _progress(on_event: Events):
         return lambda n=1: on_event("progress", desc=desc, advance=n)
 
     return start
+
+
+def tune(space_path: str | Path, model: Optional[str] = None, out: str | Path = "out", **kw: Any) -> dict:
+    """Search a space (a recipe with lists, ranges and optional passes, and a `tune:` section)
+    for the fastest recipe inside its `require:` budget; see optcc.search.run.tune."""
+    from optcc.search.run import tune as run
+
+    return run(space_path, model, out, **kw)
