@@ -184,6 +184,46 @@ def run(
     _guard(debug, go)
 
 
+@app.command()
+def tune(
+    space: Path = typer.Argument(..., help="search space YAML: a recipe whose options may be lists or ranges, with a tune: section"),
+    model: Optional[str] = typer.Argument(None, help="model source (default: the space's model.source)"),
+    out: Path = typer.Option(Path("out"), "--out", "-o", help="output folder: pareto.json, pareto.html, best.yaml, best/"),
+    workers: Optional[int] = typer.Option(None, help="trials built and evaluated at once (default: tune.workers)"),
+    ray: Optional[str] = typer.Option(None, help="run trials as Ray tasks on the cluster at this address (host:port or auto)"),
+    trials: Optional[int] = typer.Option(None, help="most trials (default: tune.trials)"),
+    cache: Optional[Path] = typer.Option(None, help="trial cache (default: ~/.cache/optcc/tune); a rerun resumes from it"),
+    task: Optional[str] = typer.Option(None, help="override the task"),
+    weights: Optional[str] = typer.Option(None, help="safetensors state dict for a factory model"),
+    as_json: bool = typer.Option(False, "--json", help="print pareto.json on stdout"),
+    debug: bool = typer.Option(False, help="show tracebacks"),
+) -> None:
+    """Search a space for the fastest recipe inside its quality budget (require:)."""
+    from optcc.report.pareto import front_table, trial_line
+    from optcc.report.terminal import console
+    from optcc.api import tune as run_tune
+
+    def go() -> None:
+        err = console(stderr=True)
+
+        def event(kind: str, **d) -> None:
+            if kind == "stage":
+                err.print(f"[dim]{d['name']}[/dim]")
+            elif kind == "trial":
+                err.print(trial_line(**d), markup=False, highlight=False)
+
+        data = run_tune(space, model, out, task=task, weights=weights, workers=workers, ray=ray, trials=trials,
+                        cache=cache, on_event=event)
+        if as_json:
+            typer.echo((out / "pareto.json").read_text().rstrip("\n"))
+            return
+        con = console()
+        con.print(front_table(data))
+        con.print(f"wrote {out}/ (pareto.json, pareto.html, best.yaml, best/); `optcc apply {out}/best.yaml` rebuilds the winner")
+
+    _guard(debug, go)
+
+
 @app.command("passes")
 def passes_cmd(as_json: bool = typer.Option(False, "--json", help="print as JSON")) -> None:
     """List the available passes with their parameters and defaults."""
@@ -217,8 +257,14 @@ def validate(
 
 
 @app.command()
-def schema(report: bool = typer.Option(False, "--report", help="the schema of report.json instead")) -> None:
-    """Print the recipe's JSON Schema (or, with --report, report.json's)."""
+def schema(report: bool = typer.Option(False, "--report", help="the schema of report.json instead"),
+           space: bool = typer.Option(False, "--space", help="the schema of a search space (`optcc tune`) instead")) -> None:
+    """Print the recipe's JSON Schema (or, with --report, report.json's; with --space, a search space's)."""
+    if space:
+        from optcc.config.space import space_json_schema
+
+        typer.echo(json.dumps(space_json_schema(), indent=2))
+        return
     if report:
         from optcc.report.records import report_json_schema
 
