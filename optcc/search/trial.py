@@ -89,8 +89,8 @@ class Evaluator:
             raise RecipeError(f"{space.path}: require.{metric}: this model has no evaluation data to measure it on",
                               "set evaluate.source in the space, or budget on fidelity.* instead")
         self.param_bytes = captured["param_bytes"]
-        root = {"gm": gm, "ctx": self.ctx, "records": [], "fid": None, "task": None}
-        self.prefixes: OrderedDict[str, dict] = OrderedDict({steps_key(self.model_key, ()): root})
+        self.root = {"gm": gm, "ctx": self.ctx, "records": [], "fid": None, "task": None}  # never evicted
+        self.prefixes: OrderedDict[str, dict] = OrderedDict()
         self.worker = f"{socket.gethostname()}:{os.getpid()}"
 
     def run(self, job: dict) -> dict:
@@ -138,11 +138,14 @@ class Evaluator:
 
     def _graph(self, steps: tuple[PassStep, ...]) -> dict:
         """The graph after `steps`, from the longest cached prefix."""
-        k = len(steps)
-        while steps_key(self.model_key, steps[:k]) not in self.prefixes:
+        k, state = len(steps), self.root
+        while k > 0:
+            key = steps_key(self.model_key, steps[:k])
+            if key in self.prefixes:
+                state = self.prefixes[key]
+                self.prefixes.move_to_end(key)
+                break
             k -= 1
-        state = self.prefixes[steps_key(self.model_key, steps[:k])]
-        self.prefixes.move_to_end(steps_key(self.model_key, steps[:k]))
         for i in range(k, len(steps)):
             ctx = dataclasses.replace(state["ctx"], inputs=dict(state["ctx"].inputs), reference=list(state["ctx"].reference),
                                       history=list(state["ctx"].history), aligners=list(state["ctx"].aligners))
