@@ -236,6 +236,56 @@ def test_a_budget_no_trial_meets_says_which_came_closest_and_writes_nothing(tmp_
     assert not out.exists()
 
 
+class _FakeRunner:
+    """Answers each trial at once, cosine falling with r: the search logic without building models."""
+
+    capacity = 1
+
+    def __init__(self):
+        self.done, self.submitted = [], []
+
+    def submit(self, job):
+        self.submitted.append(job["key"])
+        cos = 1.0 - 0.001 * job["point"].get("token_merge.r", 0)
+        self.done.append((job, {"point": job["point"], "key": job["key"], "status": "ok",
+                                "metrics": {"fidelity.cosine_mean": cos}, "budget": [],
+                                "latency": {"p50_ms": 10.0 - job["point"].get("token_merge.r", 0) * 0.1}}))
+
+    def wait(self):
+        out, self.done = self.done, []
+        return out
+
+
+@pytest.mark.parametrize("trials, expect", [(4, 4), (7, 7), (50, 7)])
+def test_a_sampler_proposing_a_measured_point_again_does_not_use_up_a_trial(tmp_path, trials, expect):
+    from optcc.search import run as tune_run
+
+    import dataclasses
+
+    space = load_space(space_file(tmp_path, passes="  - token_merge: {r: {range: [1, 7]}}", extra=", sampler: random"))
+    space = dataclasses.replace(space, tune=dataclasses.replace(space.tune, trials=trials))
+    runner = _FakeRunner()
+    records = tune_run._search(space, "model", tune_run.TrialStore(tmp_path / "trials"), runner, lambda *a, **k: None)
+    assert len(runner.submitted) == len(set(runner.submitted)) == expect  # 7 points in all: 50 trials stop at 7
+    assert len(records) == expect
+
+
+@pytest.mark.slow
+def test_more_prefixes_than_a_worker_keeps_evicts_old_ones_but_never_the_captured_graph(tmp_path):
+    from optcc.config.recipe import resolve_auto
+    from optcc.search import trial
+
+    passes = "  - token_merge: {r: {range: [1, 7]}}"
+    space = load_space(space_file(tmp_path, passes=passes))
+    ev = trial.Evaluator(space, "builtin:tiny-vit", None, None, tmp_path / "cache")
+    for r in [*range(1, 8), 1]:  # 7 distinct one-pass prefixes, one more than kept, then the first again
+        steps = resolve_auto(space.recipe({"token_merge.r": r}))[0].passes
+        state = ev._graph(steps)
+        assert state["records"][-1].name == "token_merge" and len(state["records"]) == 1
+        assert len(ev.prefixes) <= trial.PREFIXES_KEPT
+    assert ev._graph(())["gm"] is ev.root["gm"]
+
+
 def _kill_workers_later(delay):
     def kill():
         time.sleep(delay)

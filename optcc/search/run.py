@@ -181,12 +181,15 @@ def _reusable(record: Optional[dict], space: Space) -> Optional[dict]:
     return None  # inside this budget but never built or timed: build and time it now
 
 
+REPEATS_PER_TRIAL = 5  # proposals of already-measured points tolerated per trial before the search stops
+
+
 class Sampler:
     """Next points to try: the whole grid, or Optuna (ask/tell) for larger spaces."""
 
     def __init__(self, space: Space) -> None:
         self.space, self.kind = space, _sampler_kind(space)
-        self.asked = 0
+        self.asked = self.repeats = 0
         self.limit = space.tune.trials
         if self.kind == "grid":
             self.points: Iterator[dict] = space.grid(limit=self.limit)
@@ -201,8 +204,14 @@ class Sampler:
             self.optuna = optuna
         self.trials: dict[str, Any] = {}  # job key -> optuna trial
 
+    def repeat(self) -> None:
+        """The last point asked for was one already measured: it does not use up a trial, but
+        a sampler that keeps proposing measured points (a space nearly exhausted) is stopped."""
+        self.asked -= 1
+        self.repeats += 1
+
     def next(self) -> Optional[tuple[dict, Any]]:
-        if self.asked >= self.limit:
+        if self.asked >= self.limit or self.repeats >= REPEATS_PER_TRIAL * self.limit:
             return None
         if self.kind == "grid":
             point = next(self.points, None)
@@ -281,8 +290,9 @@ def _search(space: Space, mkey: str, store: TrialStore, runner, on_event: Events
                 point, handle = nxt
                 recipe, chosen = resolve_auto(space.recipe(point))
                 key = trial.trial_key(mkey, recipe)
-                if key in seen:  # the sampler proposed a point already measured in this run
+                if key in seen:  # the sampler proposed a point already measured in this run: told, not counted
                     sampler.tell(handle, seen[key], space.tune.objective)
+                    sampler.repeat()
                     continue
                 job = {"point": point, "key": key, "chosen": chosen,
                        "recipe": yaml.safe_dump(recipe.to_dict(), sort_keys=False)}
