@@ -262,6 +262,9 @@ def load_onnx(path: Path, threads: int | None = None) -> Callable[[dict[str, tor
     return run
 
 
+NOISE_FACTOR = 2.0  # an artifact of a rounding graph may differ from it by this many times the graph's own error
+
+
 def quantization_noise(expected: list[torch.Tensor], reference: list[torch.Tensor]) -> list[float | None]:
     """Per output: the optimized graph's max abs error against the original model on the same
     inputs (None where an output is not a float tensor of the reference's shape)."""
@@ -275,11 +278,12 @@ def verify(runner, inputs: dict[str, torch.Tensor], expected: list[torch.Tensor]
     """Run a re-loaded artifact and compare it with the optimized graph's outputs.
 
     Float outputs may differ by `atol` relative to the largest output magnitude. A graph that
-    rounds (quantization; `noise` given, see quantization_noise) may also differ by as much as
+    rounds (quantization; `noise` given, see quantization_noise) may also differ by up to twice
     its own error against the original model: the artifact computes the same codes in another
-    runtime, and one code flipped at a rounding boundary moves later values by up to a
-    quantization step, which is the size of that error. A wrong kernel, scale or layout gives
-    errors well beyond it. `aligners` (the passes' PassResult.align) first adjust outputs that a
+    runtime, one code flipped at a rounding boundary moves later values by up to a quantization
+    step, and two roundings that are each within the graph's error of the original can sit on
+    opposite sides of it (seen: MiniLM with token merging from block 1 and per-tensor int8, 1.27x
+    the graph's error, on an AVX2 EPYC). A wrong kernel, scale or layout gives errors well beyond. `aligners` (the passes' PassResult.align) first adjust outputs that a
     pass lets differ legitimately, and add their stats to the check."""
     try:
         got = runner(inputs)
@@ -301,13 +305,13 @@ def verify(runner, inputs: dict[str, torch.Tensor], expected: list[torch.Tensor]
     worst, allowed_worst = 0.0, atol * scale
     # the graph's quantization error relative to each float output's range: codes stored by the
     # graph (an int8 KV cache, 127 = a vector's max) may move by that share of their range
-    relative = max((n / float(e.float().abs().max()) for n, e in zip(noise or [], expected)
+    relative = max((NOISE_FACTOR * n / float(e.float().abs().max()) for n, e in zip(noise or [], expected)
                     if n is not None and e.numel() and float(e.float().abs().max()) > 0), default=0.0)
     code_check = None
     for i, (g, e) in enumerate(zip(got, expected)):
         if e.is_floating_point():
             err = float((g.float() - e.float()).abs().max()) if e.numel() else 0.0
-            allowed = max(atol * scale, (noise[i] or 0.0) if noise else 0.0)
+            allowed = max(atol * scale, NOISE_FACTOR * (noise[i] or 0.0) if noise else 0.0)
             if err > allowed:
                 why = " (the graph's own quantization error)" if allowed > atol * scale else ""
                 raise ExportError(f"{what} output {i} differs from the optimized graph by {err:.3g} (allowed {allowed:.3g}{why})",
