@@ -90,3 +90,26 @@ def test_documented_benchmark_scripts_start_as_scripts():
     for script in scripts:
         p = subprocess.run([sys.executable, script, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=300)
         assert p.returncode == 0 and "usage" in p.stdout.lower(), f"{script}: {p.stderr[-2000:]}"
+
+
+def test_tune_benchmark_compares_tune_with_every_hand_written_recipe_at_the_space_terms(tmp_path):
+    """benchmarks/tune.py pits tune's winner against recipes/ for the same model, each rebuilt at the
+    space's shapes, bench, evaluation set and budget (the timing itself lives in benchmarks/)."""
+    import yaml
+
+    from benchmarks.tune import SPACES, as_space_sees_it, hand_written
+    from optcc.config.recipe import load_recipe
+    from optcc.config.space import load_space
+
+    names = {p.name for p in hand_written("builtin:vit-digits")}
+    assert {"quickstart.yaml", "vit-merge-int8.yaml", "token_merge.yaml", "layer_skip.yaml"} <= names
+    assert not any(n.startswith("tune-") for n in names)
+    assert {p.name for p in hand_written("builtin:minilm")} >= {"minilm-int8-merge.yaml", "quantize-int8-tensor.yaml"}
+    space = load_space(SPACES["vit"])
+    sections = {**space.sections, "require": dict(space.require)}
+    spec = as_space_sees_it(ROOT / "recipes" / "layer_skip.yaml", sections, tmp_path / "r.yaml")
+    d = yaml.safe_load(spec.read_text())
+    assert d["model"]["inputs"] == {"batch": 64} and d["require"] == {"task.accuracy_drop": "<= 1.0"}
+    assert d["emit"]["formats"] == ["onnx"] and d["passes"][0]["layer_skip"]["drop"] == 1
+    recipe = load_recipe(spec)  # still a valid recipe
+    assert recipe.bench.backends == ("onnxruntime",) or list(recipe.bench.backends) == ["onnxruntime"]
