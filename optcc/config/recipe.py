@@ -188,17 +188,21 @@ def resolve_auto(recipe: Recipe) -> tuple[Recipe, list[dict]]:
     return dataclasses.replace(recipe, passes=tuple(steps)), chosen
 
 
-def load_recipe(path: str | Path) -> Recipe:
+def read_yaml_file(path: str | Path, what: str, example: str) -> str:
+    """The text of a recipe-like YAML file, or one line saying why not (`what`: "recipe")."""
     path = Path(path)
     if not path.exists():
-        raise RecipeError(f"{path}: no such recipe file", "pass the path of a recipe YAML, e.g. recipes/quickstart.yaml")
+        raise RecipeError(f"{path}: no such {what} file", f"pass the path of a {what} YAML, e.g. {example}")
     if path.is_dir():
-        raise RecipeError(f"{path}: is a folder, not a recipe file", "pass the path of a recipe YAML")
+        raise RecipeError(f"{path}: is a folder, not a {what} file", f"pass the path of a {what} YAML")
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise RecipeError(f"{path}: cannot read: {e}", "pass a UTF-8 YAML file") from e
-    return parse_recipe(text, str(path))
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    return parse_recipe(read_yaml_file(path, "recipe", "recipes/quickstart.yaml"), str(path))
 
 
 def parse_recipe(text: str, filename: str = "<recipe>") -> Recipe:

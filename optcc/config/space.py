@@ -25,7 +25,7 @@ from typing import Any, Iterator, Literal, Optional, Union, get_args, get_origin
 
 import yaml
 
-from optcc.config.recipe import RECIPE_VERSION, Recipe, parse_recipe, recipe_json_schema
+from optcc.config.recipe import RECIPE_VERSION, Recipe, parse_recipe, read_yaml_file, recipe_json_schema
 from optcc.config.schema import Located, convert, did_you_mean, field, json_schema, parse_yaml, plain, _Ctx
 from optcc.errors import RecipeError
 from optcc.pipeline import registry as reg
@@ -154,14 +154,7 @@ class Space:
 
 
 def load_space(path: str | Path) -> Space:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: no such search space file", "pass a space YAML, e.g. recipes/tune-vit-digits.yaml")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise RecipeError(f"{path}: cannot read: {e}", "pass a UTF-8 YAML file") from e
-    return parse_space(text, str(path))
+    return parse_space(read_yaml_file(path, "search space", "recipes/tune-vit-digits.yaml"), str(path))
 
 
 def parse_space(text: str, filename: str = "<space>") -> Space:
