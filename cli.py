@@ -239,14 +239,25 @@ def passes_cmd(as_json: bool = typer.Option(False, "--json", help="print as JSON
 
 @app.command()
 def validate(
-    recipe: Path = typer.Argument(..., help="recipe YAML"),
+    recipe: Path = typer.Argument(..., help="recipe YAML (or an `optcc tune` search space)"),
     as_json: bool = typer.Option(False, "--json", help="print the resolved recipe as JSON"),
     debug: bool = typer.Option(False, help="show tracebacks"),
 ) -> None:
-    """Check a recipe without running it; print the fully resolved form."""
+    """Check a recipe (or a search space) without running it; print the fully resolved form."""
     from optcc.config.recipe import load_recipe
+    from optcc.config.space import is_space, load_space
 
     def go() -> None:
+        if is_space(recipe):
+            sp = load_space(recipe)
+            if as_json:
+                typer.echo(json.dumps({"space": str(recipe), "searched": [d.name for d in sp.dims], "points": sp.size(),
+                                       "first": sp.recipe_dict(sp.first())}, indent=2, default=str))
+            else:
+                size = f"{sp.size()} points" if sp.size() is not None else "continuous ranges"
+                typer.echo(f"{recipe}: ok, a search space for `optcc tune` ({len(sp.dims)} searched: "
+                           f"{', '.join(d.name for d in sp.dims)}; {size})")
+            return
         r = load_recipe(recipe)
         if as_json:
             typer.echo(json.dumps(r.to_dict(), indent=2))

@@ -79,3 +79,13 @@ def test_every_shipped_recipe_validates():
     for rec in sorted((ROOT / "recipes").glob("*.yaml")):
         p = optcc("validate", rec)
         assert p.returncode == 0, (rec, p.stderr)
+        # the tune spaces are checked as search spaces, everything else as a recipe
+        assert ("a search space" in p.stdout) == rec.name.startswith("tune-"), (rec, p.stdout)
+
+
+def test_validate_a_bad_search_space_is_one_line(tmp_path):
+    bad = tmp_path / "space.yaml"
+    bad.write_text("version: 1\ntune: {trials: 4}\npasses: [{quantize: {scheme: {range: [1, 2]}}}]\n"
+                   "require: {fidelity.cosine_mean: '>= 0.9'}\n")
+    p = optcc("validate", bad)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "scheme" in p.stderr, p.stderr

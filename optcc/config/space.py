@@ -153,6 +153,16 @@ class Space:
                             for d in self.dims})
 
 
+def is_space(path: str | Path) -> bool:
+    """Whether a YAML file is a search space (it has a top-level `tune:` section); False for
+    anything unreadable, which the recipe loader then reports."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and "tune" in data
+
+
 def load_space(path: str | Path) -> Space:
     return parse_space(read_yaml_file(path, "search space", "recipes/tune-vit-digits.yaml"), str(path))
 
