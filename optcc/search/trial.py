@@ -118,7 +118,7 @@ class Evaluator:
             record["artifact"] = str(path)
             record["seconds"]["build"] = time.perf_counter() - t1
             t2 = time.perf_counter()
-            record["latency"] = self.time(runner, recipe)
+            record["latency"] = self.time(runner, recipe, state["ctx"].inputs)
             record["seconds"]["time"] = time.perf_counter() - t2
             record["status"] = "ok"
         except OptccError as e:
@@ -128,9 +128,8 @@ class Evaluator:
         record["seconds"] = {**record.get("seconds", {}), "total": time.perf_counter() - t0}
         return record
 
-    def time(self, runner, recipe: Recipe) -> dict:
+    def time(self, runner, recipe: Recipe, inputs: dict[str, torch.Tensor]) -> dict:
         b = recipe.bench
-        inputs = self.ctx_inputs
         items = next(iter(self.prep.inputs.values())).shape[0]
         with exclusive_timing():
             return measure({"trial": lambda: runner(inputs)}, warmup=b.warmup, iters=b.iters,
@@ -158,7 +157,6 @@ class Evaluator:
             self.prefixes[steps_key(self.model_key, steps[: i + 1])] = state
             while len(self.prefixes) > PREFIXES_KEPT:
                 self.prefixes.popitem(last=False)
-        self.ctx_inputs = state["ctx"].inputs
         return state
 
     def _fidelity(self, state: dict) -> dict:
