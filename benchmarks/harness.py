@@ -116,7 +116,7 @@ def optcc_artifacts(recipe: Path, model: Optional[str], folder: Path, threads: i
     import yaml
 
     from optcc.api import apply
-    from optcc.export.emit import load_onnx, load_torch
+    from optcc.export.emit import load_artifact
 
     data = yaml.safe_load(recipe.read_text())
     data["bench"] = {"enabled": False}
@@ -132,7 +132,7 @@ def optcc_artifacts(recipe: Path, model: Optional[str], folder: Path, threads: i
     for a in report["artifacts"]:
         p = Path(a["path"])
         try:
-            runners[a["format"]] = load_onnx(p, threads) if a["format"] == "onnx" else load_torch(p)
+            runners[a["format"]] = load_artifact(p, threads)
         except Exception as e:  # one artifact that does not load must not take the workload down
             print(f"  optcc {recipe.stem}: {p.name} does not load in this process, left out: {type(e).__name__}: {str(e)[:160]}")
     from optcc.intake.decoder import CacheSpec

@@ -41,7 +41,7 @@ from optcc.api import prepare  # noqa: E402
 from optcc.measure.latency import measure  # noqa: E402
 from optcc.graph.capture import capture, flat_outputs  # noqa: E402
 from optcc.pipeline.context import PassContext  # noqa: E402
-from optcc.export.emit import emit_all, emit_onnx, export_program, load_onnx, load_torch  # noqa: E402
+from optcc.export.emit import emit_all, emit_onnx, export_program, load_artifact, load_onnx  # noqa: E402
 from optcc.pipeline.manager import run_passes  # noqa: E402
 from optcc.config.recipe import parse_recipe  # noqa: E402
 from optcc.zoo import data as zoo  # noqa: E402
@@ -78,7 +78,7 @@ def speed(rs: list[int], iters: int, work: Path) -> None:
             (out / "record.json").write_text(json.dumps(keep))
             print(f"r={r}: pass + emit {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         rows.append((r, json.loads((out / "record.json").read_text())))
-        pt2, onnx = load_torch(out / "model.pt2"), load_onnx(out / "model.onnx", THREADS)
+        pt2, onnx = load_artifact(out / "model.pt2"), load_onnx(out / "model.onnx", THREADS)
         fns[f"torch r={r}"] = (lambda run=pt2: run(inputs))
         fns[f"onnx r={r}"] = (lambda run=onnx: run(inputs))
     res = measure(fns, warmup=2, iters=iters, min_seconds=0.0, items=4, max_seconds=1200)

@@ -33,6 +33,7 @@ def __getattr__(name: str):
 # torch, so `import optcc` imports it here.
 from optcc.ops import quantized as _qops  # noqa: E402,F401
 from optcc.ops import kv_cache as _kv_cache  # noqa: E402,F401
+from optcc.ops import lowering as _lowering  # noqa: E402,F401  (their forms for the compiled artifact)
 # The Triton kernels attach themselves to those ops on CUDA (optcc/ops/kernels; triton is only
 # needed when a kernel first launches), so a quantized .pt2 loaded on a GPU runs them.
 from optcc.ops import kernels as _kernels  # noqa: E402,F401

@@ -24,7 +24,8 @@ from optcc.graph.capture import capture, flat_outputs, graph_snapshot, primary_i
 from optcc.intake.data import calibration, evaluation
 from optcc.measure.task import compare, metric_for, run_metric, strip
 from optcc.pipeline.context import PassContext
-from optcc.export.emit import emit_all
+from optcc.export.emit import BACKEND_KEY, RUNTIME, emit_all
+from optcc.export.compiled import resolve_emit
 from optcc.measure.environment import environment
 from optcc.intake.decoder import CacheSpec, example_inputs, export_mode, generate, no_guard_module, wrap
 from optcc.intake.decoder import dynamic_shapes as decoder_shapes
@@ -126,14 +127,14 @@ def run_artifact(artifact: str | Path, prompt: Optional[str] = None, tokens: Opt
                  new_tokens: int = 32) -> dict:
     """Greedy generation from a decoder artifact (model.onnx or model.pt2 written by `apply`).
     Byte-level models take a text prompt; others take token ids."""
-    from optcc.export.emit import load_onnx, load_torch
+    from optcc.export.emit import load_artifact
 
     path = Path(artifact)
     if path.is_dir():
-        path = next((path / n for n in ("model.onnx", "model.pt2") if (path / n).exists()), path / "model.onnx")
+        path = next((path / n for n in ("model.onnx", "model.pt2", "model.exported.pt2") if (path / n).exists()), path / "model.onnx")
     meta = path.parent / "decoder.json"
     if not path.exists():
-        raise IntakeError(f"{path}: no such artifact", "pass model.onnx, model.pt2 or the output folder of `optcc apply`")
+        raise IntakeError(f"{path}: no such artifact", "pass model.onnx, model.pt2, model.exported.pt2 or the output folder of `optcc apply`")
     if not meta.exists():
         raise IntakeError(f"{path.parent}: no decoder.json, so this is not a text-generation artifact",
                           "run `optcc apply` with a text-generation model first")
@@ -157,7 +158,7 @@ def run_artifact(artifact: str | Path, prompt: Optional[str] = None, tokens: Opt
         raise RecipeError(f"prompt ({ids.shape[1]} tokens) + {new_tokens} new tokens exceeds the model's "
                           f"{spec.max_positions} positions", "shorten the prompt or ask for fewer tokens")
     with no_guard_module():
-        step = load_onnx(path) if path.suffix == ".onnx" else load_torch(path)
+        step = load_artifact(path)
         out, timing = generate(step, spec, ids, new_tokens)
     result = {"artifact": str(path), "prompt_tokens": int(ids.shape[1]), "tokens": out[0].tolist(),
               "prefill_ms": timing["prefill_s"] * 1e3,
@@ -199,6 +200,8 @@ def apply(recipe_path: str | Path, model: Optional[str] = None, out: str | Path 
     """
     t_start = time.perf_counter()
     recipe, chosen = resolve_auto(load_recipe(recipe_path))
+    recipe, emit_chosen = resolve_emit(recipe)
+    chosen += emit_chosen
     previous = _read_report(baseline) if baseline else None
     source = model or recipe.model.source
     if not source:
@@ -372,7 +375,7 @@ def emit_checked(gm, ctx: PassContext, records: list[PassRecord], recipe: Recipe
         return emit_all(gm, ctx.inputs, recipe.emit.formats, recipe.emit.opset, out, ctx.primary,
                         recipe.emit.atol, recipe.model.dynamic, torch.get_num_threads(),
                         decoder_shapes(cache) if cache else None, cache.output_names() if cache else None,
-                        rounding_reference=ctx.reference if rounds else None, aligners=ctx.aligners)
+                        rounding_reference=ctx.reference if rounds else None, aligners=ctx.aligners, isa=recipe.emit.isa)
 
 
 def _read_report(path: str | Path) -> dict:
@@ -390,11 +393,8 @@ def _bench(lm: LoadedModel, prep: Prepared, artifacts, recipe: Recipe, graph_inp
     inputs = prep.inputs
     module = lm.module
     fns: dict[str, Callable[[], object]] = {"baseline": lambda: module(**inputs)}
-    by_format = {a.format: a for a in artifacts}
-    for backend in recipe.bench.backends:
-        fmt = "torch" if backend == "torch" else "onnx"
-        if fmt in by_format:
-            fns[backend] = (lambda r=by_format[fmt].runner: r(graph_inputs))
+    for a in timed(artifacts, recipe.bench.backends):
+        fns[BACKEND_KEY[a.format]] = (lambda r=a.runner: r(graph_inputs))
     items = next(iter(inputs.values())).shape[0]
     b = recipe.bench
     res = measure(fns, warmup=b.warmup, iters=b.iters, min_seconds=b.min_seconds, items=items)
@@ -412,6 +412,11 @@ def _bench(lm: LoadedModel, prep: Prepared, artifacts, recipe: Recipe, graph_inp
     }
 
 
+def timed(artifacts, backends) -> list:
+    """The artifacts whose runtime (torch, onnxruntime) the recipe times, in emit order."""
+    return [a for a in artifacts if RUNTIME[a.format] in backends]
+
+
 def _plain_ids(prep: Prepared) -> dict[str, torch.Tensor]:
     """Example inputs without the cache: what data sources shape their batches after."""
     return {k: v for k, v in prep.inputs.items() if not k.startswith("past_")}
@@ -426,11 +431,8 @@ def _bench_generation(lm: LoadedModel, prep: Prepared, artifacts, recipe: Recipe
         text = load_text_split(lm.zoo, "eval")
     prompt = prompt_ids(spec, text, prep.inputs["input_ids"].shape[1] + prep.inputs["past_key_0"].shape[2], g.batch)
     steps = {"baseline": lambda b: flat_outputs(lm.module(**b))}
-    by_format = {a.format: a for a in artifacts}
-    for backend in recipe.bench.backends:
-        fmt = "torch" if backend == "torch" else "onnx"
-        if fmt in by_format:
-            steps[backend] = by_format[fmt].runner
+    for a in timed(artifacts, recipe.bench.backends):
+        steps[BACKEND_KEY[a.format]] = a.runner
     return bench_generation(steps, spec, prompt, g.new_tokens, g.rounds,
                             specs={k: cache for k in steps if k != "baseline"})  # artifacts: the graph's cache layout
 

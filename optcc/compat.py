@@ -180,3 +180,47 @@ def pin_serialization_id(path: Path) -> None:
                 data[pos + 16: pos + 20] = crc
             pos = data.find(b"PK\x01\x02", pos + 4)
     path.write_bytes(bytes(data))
+
+
+# ---------------------------------------------------------- AOTInductor ---
+
+AOTI_ISSUE = "https://pytorch.org/docs/stable/torch.compiler_aot_inductor.html"
+
+
+def aoti_compile(ep: torch.export.ExportedProgram, path: Path, configs: dict) -> Path:
+    """AOTInductor: compile an ExportedProgram into a self-contained .pt2 package.
+
+    Why here: the documented entry point lives in the private torch._inductor namespace."""
+    _gate("aoti_compile", (2, 13), AOTI_ISSUE)
+    return Path(torch._inductor.aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs))
+
+
+def aoti_load(path: Path) -> Any:
+    """Load a package written by aoti_compile; the result is called like the module."""
+    _gate("aoti_load", (2, 13), AOTI_ISSUE)
+    return torch._inductor.aoti_load_package(str(path))
+
+
+def cxx_compiler() -> str | None:
+    """The path of the C++ compiler Inductor will call ($CXX, else its configured default), or
+    None when there is none on PATH."""
+    import os
+    import shutil
+
+    from torch._inductor import config
+
+    names = [os.environ.get("CXX")] + list(config.cpp.cxx if isinstance(config.cpp.cxx, tuple) else [config.cpp.cxx])
+    return next((shutil.which(n) for n in names if n and shutil.which(n)), None)
+
+
+@functools.cache
+def quantized_decomposed() -> Any:
+    """torch.ops.quantized_decomposed: the quantize/dequantize ops whose patterns Inductor's x86
+    lowering turns into oneDNN int8 kernels (qlinear) when freezing.
+
+    Why: torch 2.13 registers them only when the private module below is imported (the PT2E
+    quantizers that used to import it moved to torchao)."""
+    _gate("quantized_decomposed", (2, 13), "https://github.com/pytorch/ao/issues/2259")
+    import torch.ao.quantization.fx._decomposed  # noqa: F401  (registers the ops)
+
+    return torch.ops.quantized_decomposed

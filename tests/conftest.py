@@ -24,7 +24,7 @@ version: 1
 model: {inputs: {batch: 2, seq_len: 16}}
 passes:
   - cleanup: {}
-emit: {formats: [onnx, torch]}
+emit: {formats: [onnx, exported]}
 bench: {warmup: 1, iters: 2, min_seconds: 0.0}
 """
 

@@ -7,7 +7,7 @@ import torch
 
 from conftest import FAST_RECIPE, HANDWRITTEN, write_recipe
 from optcc.api import apply
-from optcc.export.emit import load_onnx, load_torch
+from optcc.export.emit import load_artifact, load_onnx
 from optcc.errors import IntakeError, RequirementError
 
 
@@ -15,16 +15,16 @@ def test_apply_vit_end_to_end(tmp_path, fast_recipe):
     out = tmp_path / "out"
     r = apply(fast_recipe, "builtin:tiny-vit", out)
     files = sorted(p.name for p in out.iterdir())
-    assert files == ["graphs", "model.onnx", "model.pt2", "recipe.lock.yaml", "report.json", "report.md", "waterfall.html"]
+    assert files == ["graphs", "model.exported.pt2", "model.onnx", "recipe.lock.yaml", "report.json", "report.md", "waterfall.html"]
     assert (out / "graphs" / "01-cleanup.diff").exists()
     on_disk = json.loads((out / "report.json").read_text())
     for key in ("latency", "fidelity", "passes", "artifacts", "environment"):
         assert key in on_disk
     lat = on_disk["latency"]
-    assert lat["baseline"]["iters"] >= 2 and set(lat["optimized"]) == {"torch", "onnxruntime"}
+    assert lat["baseline"]["iters"] >= 2 and set(lat["optimized"]) == {"torch-exported", "onnxruntime"}
     assert lat["speedup"] == max(lat["speedup_by_backend"].values())
     assert on_disk["fidelity"]["cosine_mean"] > 0.9999 and on_disk["fidelity"]["top1_agreement"] == 1.0
-    assert [a["format"] for a in on_disk["artifacts"]] == ["onnx", "torch"]
+    assert [a["format"] for a in on_disk["artifacts"]] == ["onnx", "exported"]
     assert all(len(a["sha256"]) == 64 and a["bytes"] > 0 for a in on_disk["artifacts"])
     assert on_disk["passes"][0]["name"] == "cleanup"
     lock = (out / "recipe.lock.yaml").read_text()
@@ -58,7 +58,7 @@ def test_artifacts_match_eager_and_keep_dynamic_batch(tmp_path, fast_recipe):
     x = {"pixel_values": torch.randn(5, 3, 32, 32)}  # a batch size never seen at export
     with torch.no_grad():
         ref = model(**x).logits
-    for runner in (load_torch(out / "model.pt2"), load_onnx(out / "model.onnx")):
+    for runner in (load_artifact(out / "model.exported.pt2"), load_onnx(out / "model.onnx")):
         got = runner(x)[0]
         assert got.shape == ref.shape
         assert torch.allclose(got, ref, atol=1e-4)

@@ -95,10 +95,10 @@ def test_architecture_takes_its_family_passes(name, tmp_path):
                 with pytest.raises(OptccError, match=refused[_name(step)]):
                     run_passes(copy.deepcopy(gm), parse_recipe(base + f"passes:\n  - {step}\n").passes, pass_context(prep))
         steps = [s for s in STACKS[family] if _name(s) not in refused]
-        recipe = parse_recipe(base + "passes:\n" + "".join(f"  - {s}\n" for s in steps) + "emit: {formats: [onnx, torch]}\n")
+        recipe = parse_recipe(base + "passes:\n" + "".join(f"  - {s}\n" for s in steps) + "emit: {formats: [onnx, exported]}\n")
         ctx = pass_context(prep)
         gm, records = run_passes(gm, recipe.passes, ctx)
         assert [r.name for r in records] == [_name(s) for s in steps] and all(r.modified for r in records)
         assert records[-1].fidelity["finite"]
         artifacts = emit_checked(gm, ctx, records, recipe, tmp_path)
-        assert sorted(a.format for a in artifacts) == ["onnx", "torch"]
+        assert sorted(a.format for a in artifacts) == ["exported", "onnx"]

@@ -13,7 +13,7 @@ RECIPE = """
 version: 1
 model: {source: builtin:tiny-vit, inputs: {batch: 2}}
 passes: [cleanup]
-emit: {formats: [onnx, torch]}
+emit: {formats: [onnx, exported]}
 bench: {warmup: 1, iters: 3, min_seconds: 0.0}
 """
 
@@ -32,9 +32,9 @@ def test_same_inputs_give_byte_identical_artifacts(run, tmp_path):
     first = {a["format"]: a["sha256"] for a in json.loads((out / "report.json").read_text())["artifacts"]}
     second = {a["format"]: a["sha256"] for a in json.loads((tmp_path / "again" / "report.json").read_text())["artifacts"]}
     assert first == second and len(first) == 2
-    assert (out / "model.pt2").read_bytes() == (tmp_path / "again" / "model.pt2").read_bytes()
+    assert (out / "model.exported.pt2").read_bytes() == (tmp_path / "again" / "model.exported.pt2").read_bytes()
     lock = (out / "recipe.lock.yaml").read_text()
-    assert first["torch"] in lock and first["onnx"] in lock
+    assert first["exported"] in lock and first["onnx"] in lock
 
 
 @pytest.mark.parametrize("require, msg", [
@@ -167,7 +167,7 @@ def test_a_lock_rebuilds_byte_identical_artifacts_on_another_machine(tmp_path, m
 version: 1
 model: {{source: '{ROOT / "tests" / "models" / "handwritten.py"}:build', task: feature-extraction, inputs: {{batch: 2, seq_len: 16}}}}
 passes: [{{quantize: {{scheme: int8-dynamic}}}}]
-emit: {{formats: [onnx, torch]}}
+emit: {{formats: [onnx, exported]}}
 bench: {{enabled: false}}
 """)
     with monkeypatch.context() as m:
@@ -186,5 +186,5 @@ bench: {{enabled: false}}
         m.setenv("OPTCC_INT8_GEMM", "fp32" if chosen["torch_gemm"] == "int_mm" else "int_mm")
         second = apply(lock, None, tmp_path / "second")
     assert second["recipe"]["chosen"] == []  # nothing left to choose
-    for name in ("model.onnx", "model.pt2"):
+    for name in ("model.onnx", "model.exported.pt2"):
         assert (tmp_path / "first" / name).read_bytes() == (tmp_path / "second" / name).read_bytes(), name

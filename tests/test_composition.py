@@ -106,7 +106,7 @@ def test_full_stack_artifacts(fam, tmp_path):
     with no_guard_module() if _captured(fam)[0].cache else contextlib.nullcontext():
         gm, ctx, records, recipe = _run(fam, full)
         artifacts = emit_checked(gm, ctx, records, recipe, tmp_path)
-    assert sorted(a.format for a in artifacts) == ["onnx", "torch"]
+    assert sorted(a.format for a in artifacts) == ["exported", "onnx"]
     assert all(a.check["criterion"] == "quantization-noise" for a in artifacts)  # every full stack quantizes
     for a in artifacts:
         assert a.runner(ctx.inputs)[ctx.primary].shape == ctx.reference[ctx.primary].shape

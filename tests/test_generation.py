@@ -10,7 +10,7 @@ from conftest import HANDWRITTEN, write_recipe
 from test_cli import optcc
 from optcc.api import apply, prepare, run_artifact
 from optcc.intake.decoder import generate, no_guard_module
-from optcc.export.emit import load_onnx, load_torch
+from optcc.export.emit import load_artifact, load_onnx
 from optcc.errors import IntakeError, RecipeError
 from optcc.config.recipe import parse_recipe
 
@@ -30,7 +30,7 @@ def test_decoder_artifacts_match_eager_prefill_and_decode(tmp_path, source, task
     r = apply(write_recipe(tmp_path, RECIPE), source, out, task=task)
     spec = json.loads((out / "decoder.json").read_text())
     g = r["generation"]
-    assert r["greedy_match"] is True and g["greedy_match_by_backend"] == {"torch": True, "onnxruntime": True}
+    assert r["greedy_match"] is True and g["greedy_match_by_backend"] == {"torch-exported": True, "onnxruntime": True}
     per_token = spec["layers"] * 2 * spec["kv_heads"] * spec["head_dim"] * 4  # fp32 K and V, every layer
     assert g["baseline"]["kv_bytes_per_token"] == per_token and g["kv_bytes_ratio"] == 1.0
     assert g["baseline"]["ttft_ms"] > 0 and g["optimized"]["onnxruntime"]["decode_tokens_per_s"] > 0
@@ -45,7 +45,7 @@ def test_decoder_artifacts_match_eager_prefill_and_decode(tmp_path, source, task
     cs = CacheSpec(**spec)
     with torch.no_grad(), no_guard_module():
         ref, _ = generate(eager, cs, prompt, 5)
-        for runner in (load_onnx(out / "model.onnx"), load_torch(out / "model.pt2")):
+        for runner in (load_onnx(out / "model.onnx"), load_artifact(out / "model.exported.pt2")):
             # prefill (empty past) and a decode step equal eager logits
             step0 = runner({"input_ids": prompt, **cs.empty(1)})
             e0 = eager({"input_ids": prompt, **cs.empty(1)})
@@ -84,7 +84,7 @@ def test_byte_llama_run_and_perplexity(tmp_path):
     assert tm["metric"] == "perplexity" and 1 < tm["baseline"] < 40 and abs(tm["delta"]) < 1e-3
     res = run_artifact(tmp_path / "o", prompt="def ", new_tokens=8)
     assert len(res["tokens"]) == 8 and isinstance(res["text"], str)
-    p = optcc("run", tmp_path / "o" / "model.pt2", "--prompt", "import ", "--new-tokens", "5", "--json")
+    p = optcc("run", tmp_path / "o" / "model.exported.pt2", "--prompt", "import ", "--new-tokens", "5", "--json")
     assert p.returncode == 0, p.stderr
     assert len(json.loads(p.stdout)["tokens"]) == 5
 

@@ -11,7 +11,7 @@ from optcc.algorithms import kvmath
 from optcc.pipeline import registry
 from optcc.api import apply
 from optcc.intake.decoder import CacheSpec, generate, no_guard_module
-from optcc.export.emit import load_onnx, load_torch
+from optcc.export.emit import load_artifact, load_onnx
 from optcc.errors import PassError
 from optcc.pipeline.manager import run_passes
 from optcc.config.recipe import parse_recipe
@@ -120,7 +120,7 @@ require: {kv_bytes_ratio: "<= 0.4"}
     prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), no_guard_module():
         ref, t = generate(lambda b: list(gm(**b)), spec, prompt, 6)
-        for runner in (load_onnx(out / "model.onnx"), load_torch(out / "model.pt2")):
+        for runner in (load_onnx(out / "model.onnx"), load_artifact(out / "model.exported.pt2")):
             toks, t2 = generate(runner, spec, prompt, 6)
             assert torch.equal(toks, ref) and t2["kv_bytes_per_token"] == t["kv_bytes_per_token"]
 
@@ -133,7 +133,7 @@ def test_after_merge_the_saved_pt2_reloads_and_decodes_like_the_onnx(tmp_path):
 version: 1
 model: {inputs: {batch: 2, seq_len: 16}}
 passes: [{kv_share: {mode: merge}}, kv_quant]
-emit: {formats: [onnx, torch], atol: 0.05}
+emit: {formats: [onnx, exported], atol: 0.05}
 generate: {new_tokens: 4, batch: 1, rounds: 1}
 bench: {enabled: false}
 """), "builtin:tiny-llama", out)
@@ -141,7 +141,7 @@ bench: {enabled: false}
     assert any(s["length"] != "past" for s in spec.slot_list())  # merge's own-length slots
     prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(2))
     with torch.no_grad(), no_guard_module():
-        toks = [generate(run, spec, prompt, 6)[0] for run in (load_onnx(out / "model.onnx"), load_torch(out / "model.pt2"))]
+        toks = [generate(run, spec, prompt, 6)[0] for run in (load_onnx(out / "model.onnx"), load_artifact(out / "model.exported.pt2"))]
     assert torch.equal(toks[0], toks[1])
 
 def test_registered_for_decoders_after_the_structural_cache_passes():

@@ -12,7 +12,7 @@ from optcc.algorithms import kvmath
 from optcc.pipeline import registry
 from optcc.api import apply
 from optcc.intake.decoder import CacheSpec, generate, no_guard_module, own_inputs
-from optcc.export.emit import load_onnx, load_torch
+from optcc.export.emit import load_artifact, load_onnx
 from optcc.errors import PassError, RecipeError
 from optcc.pipeline.manager import run_passes
 from optcc.config.recipe import PassStep, parse_recipe
@@ -264,7 +264,7 @@ def test_apply_artifacts_generate_like_the_optimized_graph(tmp_path, body, ratio
     prompt = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), no_guard_module():
         ref, t = generate(lambda b: list(gm(**b)), spec, prompt, 6)
-        for runner in (load_onnx(out / "model.onnx"), load_torch(out / "model.pt2")):
+        for runner in (load_onnx(out / "model.onnx"), load_artifact(out / "model.exported.pt2")):
             toks, t2 = generate(runner, spec, prompt, 6)
             assert torch.equal(toks, ref) and t2["kv_bytes_per_token"] == t["kv_bytes_per_token"]
 

@@ -323,7 +323,7 @@ model: {inputs: {batch: 2, seq_len: 16}}
 calibration: {samples: 4}
 passes:
   - layer_skip: {drop: 1, granularity: attention, keep: [0]}
-emit: {formats: [onnx, torch]}
+emit: {formats: [onnx, exported]}
 bench: {enabled: false}
 """)
     out = tmp_path / "out"
@@ -334,7 +334,7 @@ bench: {enabled: false}
     assert rec["name"] == "layer_skip" and st["removed"][0] in ("trunk.1.mix", "trunk.2.mix")
     assert st["select"] == "influence" and st["granularity"] == "attention" and len(st["scores"]) == 3
     assert st["calibration"]["batches"] >= 1
-    assert {a["format"] for a in on_disk["artifacts"]} == {"onnx", "torch"}
+    assert {a["format"] for a in on_disk["artifacts"]} == {"onnx", "exported"}
     assert r["fidelity"]["by_artifact"]["onnx"]["finite"] and math.isfinite(r["fidelity"]["cosine_mean"])
     assert rec["after"]["params"] < rec["before"]["params"] and rec["after"]["flops"] < rec["before"]["flops"]
     # the terminal shows every candidate's score, the removed one marked

@@ -248,7 +248,7 @@ def _weight_matmuls(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in ("MatMul", "Gemm") and any(i in inits for i in n.input)]
 
 
-def _apply(tmp_path, source, quantize, formats="[onnx, torch]", task=None):
+def _apply(tmp_path, source, quantize, formats="[onnx, exported]", task=None):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"version: 1\nmodel: {{source: '{source}', inputs: {{batch: 2, seq_len: 16}}"
                       + (f", task: {task}" if task else "") + "}\n"
@@ -265,7 +265,7 @@ def test_int8_artifacts_run_integer_ops_and_reload_in_a_fresh_process(tmp_path):
     assert types.count("MatMulIntegerToFloat") == st["quantized"] == 19
     assert _weight_matmuls(model) == []  # no fp32 weight matmul left
     assert all(a["check"]["cosine_mean"] > 0.999 for a in report["artifacts"])
-    pt2 = tmp_path / "out" / "model.pt2"
+    pt2 = tmp_path / "out" / "model.exported.pt2"
     inputs = {"input_ids": torch.randint(0, 100, (3, 5))}
     expected = torch.export.load(str(pt2)).module()(**inputs)
     torch.save({"inputs": inputs, "expected": expected}, tmp_path / "io.pt")

@@ -49,7 +49,7 @@ def test_round_trip_through_lock(tmp_path):
     ("version: 1\nbenh: {}\n", "did you mean 'bench'?"),
     ("version: 1\nbench: {iter: 3}\n", "did you mean 'iters'?"),
     ("version: 1\nbench: {iters: three}\n", "bench.iters: expected an integer, got str 'three'"),
-    ("version: 1\nemit: {formats: [onnx, tflite]}\n", "'tflite' is not one of onnx, torch"),
+    ("version: 1\nemit: {formats: [onnx, tflite]}\n", "'tflite' is not one of onnx, torch, exported"),
     ("version: 1\npasses:\n  - clenup: {}\n", "did you mean 'cleanup'?"),
     ("version: 1\npasses:\n  - cleanup: {dropuot: false}\n", "did you mean 'dropout'?"),
     ("version: 1\npasses: {cleanup: {}}\n", "expected a list of passes"),

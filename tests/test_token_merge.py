@@ -337,12 +337,12 @@ version: 1
 model: {source: builtin:tiny-vit, inputs: {batch: 2}}
 passes:
   - token_merge: {r: 8}
-emit: {formats: [onnx, torch]}
+emit: {formats: [onnx, exported]}
 bench: {enabled: false}
 """)
     report = apply(recipe, out=tmp_path / "out")
     st = report["passes"][0]["stats"]
     assert st["tokens_mlp"] == [57, 49, 41, 33] and st["r"] == [8, 8, 8, 8]
-    assert {a["format"] for a in report["artifacts"]} == {"onnx", "torch"}
+    assert {a["format"] for a in report["artifacts"]} == {"onnx", "exported"}
     assert all(a["check"]["max_abs_err"] < 1e-4 for a in report["artifacts"])
     assert json.loads((tmp_path / "out" / "report.json").read_text())["passes"][0]["name"] == "token_merge"

@@ -48,6 +48,7 @@ METRICS: dict[str, Callable[[dict], Any]] = {
     "latency.p90_ms": lambda r: _get(r, "latency.best.p90_ms"),
     "latency.p99_ms": lambda r: _get(r, "latency.best.p99_ms"),
     "latency.speedup_by_backend.torch": lambda r: _get(r, "latency.speedup_by_backend.torch"),
+    "latency.speedup_by_backend.torch-exported": lambda r: _get(r, "latency.speedup_by_backend.torch-exported"),
     "latency.speedup_by_backend.onnxruntime": lambda r: _get(r, "latency.speedup_by_backend.onnxruntime"),
     "fidelity.cosine_mean": lambda r: _get(r, "fidelity.cosine_mean"),
     "fidelity.cosine_min": lambda r: _get(r, "fidelity.cosine_min"),

@@ -76,13 +76,18 @@ class Evaluate:
 
 @dataclass(frozen=True)
 class Emit:
-    formats: tuple[Literal["onnx", "torch"], ...] = field(("onnx", "torch"), help="artifacts to write")
+    formats: tuple[Literal["onnx", "torch", "exported"], ...] = field(
+        ("onnx", "torch"), help="artifacts to write: onnx (model.onnx), torch (model.pt2 compiled by AOTInductor; needs a "
+                                "C++ compiler), exported (model.exported.pt2, the uncompiled ExportedProgram)")
     opset: int = field(20, help="ONNX opset (20: GELU exports as one Gelu op, which onnxruntime fuses with its bias)")
     atol: float = field(1e-3, help="max abs difference allowed between a re-loaded artifact and the optimized graph")
+    isa: Literal["auto", "avx2", "avx512", "avx512_vnni"] = field(
+        "auto", help="CPUs the compiled torch artifact (torch) runs on: avx2 (any x86-64 CPU of the last decade), avx512, "
+                     "avx512_vnni (also AMX: int8 GEMMs take full-range weights), or auto (this CPU's; the lock records it)")
 
     def __post_init__(self) -> None:
         if not self.formats:
-            raise ValueError("formats must name at least one of onnx, torch")
+            raise ValueError("formats must name at least one of onnx, torch, exported")
         if not 14 <= self.opset <= 23:  # torch.onnx's dynamo exporter targets opset 18+; older ones convert down to 14
             raise ValueError(f"opset must be between 14 and 23, got {self.opset}")
         if self.atol <= 0:
@@ -91,7 +96,8 @@ class Emit:
 
 @dataclass(frozen=True)
 class Bench:
-    backends: tuple[Literal["torch", "onnxruntime"], ...] = field(("torch", "onnxruntime"), help="backends to time the artifacts on")
+    backends: tuple[Literal["torch", "onnxruntime"], ...] = field(
+        ("torch", "onnxruntime"), help="runtimes to time the artifacts on (torch times model.pt2 and model.exported.pt2)")
     warmup: int = field(3, help="untimed warm-up calls per backend")
     iters: int = field(10, help="minimum timed calls per backend")
     min_seconds: float = field(1.0, help="minimum timed seconds per backend")

@@ -1,5 +1,6 @@
-"""Emit: the optimized GraphModule → model.pt2 and/or model.onnx, each re-loaded
-and compared with the optimized graph's outputs before it counts."""
+"""Emit: the optimized GraphModule → model.pt2 (compiled by AOTInductor, see compiled.py),
+model.exported.pt2 (the uncompiled ExportedProgram) and/or model.onnx, each re-loaded and
+compared with the optimized graph's outputs before it counts."""
 from __future__ import annotations
 
 import hashlib
@@ -17,17 +18,24 @@ import torch.fx as fx
 
 from optcc.compat import pin_serialization_id
 from optcc.ops import ONNX_TRANSLATIONS  # filled by the op modules on `import optcc`
+from optcc.export.compiled import compile_package, load_package
 from optcc.graph.capture import capture, flat_outputs, load_exported
 from optcc.errors import ExportError
 from optcc.algorithms.metrics import fidelity
 
 
+FILES = {"torch": "model.pt2", "exported": "model.exported.pt2", "onnx": "model.onnx"}
+RUNTIME = {"torch": "torch", "exported": "torch", "onnx": "onnxruntime"}  # what runs each format
+BACKEND_KEY = {"torch": "torch", "exported": "torch-exported", "onnx": "onnxruntime"}  # its name in timings
+
+
 @dataclass
 class Artifact:
-    format: str  # "torch" | "onnx"
+    format: str  # "torch" (compiled) | "exported" | "onnx"
     path: Path
     runner: Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]
     check: dict  # fidelity of the re-loaded artifact vs the optimized graph
+    build: dict | None = None  # how it was built (compiled: compile_s, compiled_for, compiler)
 
     def to_dict(self, root: Path) -> dict:
         return {
@@ -36,6 +44,7 @@ class Artifact:
             "bytes": artifact_bytes(self.path),
             "sha256": sha256(self.path),
             "check": self.check,
+            **({"build": self.build} if self.build else {}),
         }
 
 
@@ -77,8 +86,8 @@ def export_program(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], dynamic:
     return capture(gm, inputs, dynamic, shapes)
 
 
-def emit_torch(ep: torch.export.ExportedProgram, out: Path) -> Path:
-    path = out / "model.pt2"
+def emit_exported(ep: torch.export.ExportedProgram, out: Path) -> Path:
+    path = out / FILES["exported"]
     # Same recipe, model and versions must give the same bytes: drop the
     # provenance metadata that records Python object ids, then pin the archive's
     # random serialization id.
@@ -88,12 +97,12 @@ def emit_torch(ep: torch.export.ExportedProgram, out: Path) -> Path:
         with _quiet():
             torch.export.save(ep, str(path))
     except Exception as e:
-        raise ExportError(f"saving model.pt2 failed: {type(e).__name__}: {e}", "run with --debug") from e
+        raise ExportError(f"saving {path.name} failed: {type(e).__name__}: {e}", "run with --debug") from e
     pin_serialization_id(path)
     return path
 
 
-def load_torch(path: Path) -> Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]:
+def load_exported_runner(path: Path) -> Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]:
     try:
         module = load_exported(path).module()
     except ValueError as e:
@@ -262,6 +271,17 @@ def load_onnx(path: Path, threads: int | None = None) -> Callable[[dict[str, tor
     return run
 
 
+def load_artifact(path: Path, threads: int | None = None) -> Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]:
+    """A runner for any artifact emit writes: model.onnx, a compiled model.pt2 package, or an
+    ExportedProgram .pt2 (told apart by their contents)."""
+    from optcc.export.compiled import is_package
+
+    path = Path(path)
+    if path.suffix == ".onnx":
+        return load_onnx(path, threads)
+    return load_package(path) if is_package(path) else load_exported_runner(path)
+
+
 NOISE_FACTOR = 2.0  # an artifact of a rounding graph may differ from it by this many times the graph's own error
 
 
@@ -342,7 +362,8 @@ def verify(runner, inputs: dict[str, torch.Tensor], expected: list[torch.Tensor]
 def emit_all(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], formats: tuple[str, ...], opset: int,
              out: Path, primary: int, atol: float, dynamic: bool, threads: int | None = None,
              shapes: dict | None = None, output_names: list[str] | None = None,
-             rounding_reference: list[torch.Tensor] | None = None, aligners: Sequence[Callable] = ()) -> list[Artifact]:
+             rounding_reference: list[torch.Tensor] | None = None, aligners: Sequence[Callable] = (),
+             isa: str = "auto") -> list[Artifact]:
     """Export, re-load and check each format. `rounding_reference` (the original model's outputs
     on `inputs`), given when a pass rounds values, lets artifacts differ from the graph by up to
     the graph's own quantization error (see verify)."""
@@ -352,12 +373,16 @@ def emit_all(gm: fx.GraphModule, inputs: dict[str, torch.Tensor], formats: tuple
     ep = export_program(gm, inputs, dynamic, shapes)
     artifacts = []
     for fmt in formats:
+        build = None
         if fmt == "torch":
-            path = emit_torch(ep, out)
-            runner = load_torch(path)
+            path, build = compile_package(gm, inputs, dynamic, shapes, out, isa)
+            runner = load_package(path)
+        elif fmt == "exported":
+            path = emit_exported(ep, out)
+            runner = load_exported_runner(path)
         else:
             path = emit_onnx(ep, inputs, out, opset, output_names)
             runner = load_onnx(path, threads)
         check = verify(runner, inputs, expected, primary, path.name, atol, output_names, noise, aligners)
-        artifacts.append(Artifact(fmt, path, runner, check))
+        artifacts.append(Artifact(fmt, path, runner, check, build))
     return artifacts

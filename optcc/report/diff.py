@@ -15,6 +15,9 @@ from rich.text import Text
 
 from optcc.errors import RecipeError
 
+# timing key -> artifact format (optcc/export/emit.py BACKEND_KEY, inverted)
+FORMAT_OF_BACKEND = {"torch": "torch", "torch-exported": "exported", "onnxruntime": "onnx"}
+
 
 def load_run(out: Path) -> dict:
     path = out / "report.json" if out.is_dir() else out
@@ -83,7 +86,7 @@ def waterfall_rows(report: dict) -> list[dict]:
                      "task": (p.get("task_metric") or {}).get("value"), "flops": p["after"]["flops"]})
     lat = report.get("latency") or {}
     for backend, v in (lat.get("optimized") or {}).items():
-        fmt = "torch" if backend == "torch" else "onnx"
+        fmt = FORMAT_OF_BACKEND.get(backend, backend)
         fid = report["fidelity"]["by_artifact"].get(fmt, {})
         task = ((report.get("task_metric") or {}).get("by_artifact") or {}).get(fmt, {})
         rows.append({"step": f"artifact: {backend}", "latency_ms": v["p50_ms"],
@@ -170,7 +173,7 @@ def sweep_points(runs: list[tuple[str, dict]]) -> list[dict]:
     for name, r in runs:
         lat = r.get("latency") or {}
         for backend, sp in (lat.get("speedup_by_backend") or {}).items():
-            fmt = "torch" if backend == "torch" else "onnx"
+            fmt = FORMAT_OF_BACKEND.get(backend, backend)
             fid = r["fidelity"]["by_artifact"].get(fmt, {})
             task = ((r.get("task_metric") or {}).get("by_artifact") or {}).get(fmt, {})
             pts.append({"run": name, "backend": backend, "speedup": sp, "cosine": fid.get("cosine_mean"),
@@ -189,7 +192,7 @@ def sweep_html(runs: list[tuple[str, dict]]) -> str:
     y0, y1 = min(ys) - 0.001, 1.0 + 0.0005
     sx = lambda v: pad + (w - 2 * pad) * (v - x0) / ((x1 - x0) or 1)
     sy = lambda v: h - pad - (h - 2 * pad) * (v - y0) / ((y1 - y0) or 1)
-    colors = {"torch": "#264653", "onnxruntime": "#e76f51"}
+    colors = {"torch": "#264653", "torch-exported": "#2a9d8f", "onnxruntime": "#e76f51"}
     dots = []
     for p in pts:
         label = html.escape(f"{p['run']} ({p['backend']}): {p['speedup']:.2f}x, cos {p['cosine']:.5f}"

@@ -347,14 +347,14 @@ def _point_str(point: dict) -> str:
 def _retime(members: list[dict], prep: api.Prepared, recipe) -> dict:
     """The front's artifacts and eager fp32, round-robin in this process; updates each member's
     latency in place and returns the baseline's."""
-    from optcc.export.emit import load_onnx, load_torch
+    from optcc.export.emit import load_artifact
 
     inputs = prep.inputs
     module = prep.lm.module
     fns: dict[str, Callable[[], object]] = {"baseline": lambda: module(**inputs)}
     for r in members:
         p = Path(r["artifact"])
-        run = load_torch(p) if p.suffix == ".pt2" else load_onnx(p, torch.get_num_threads())
+        run = load_artifact(p, torch.get_num_threads())
         fns[r["key"]] = (lambda run=run: run(inputs))
     b = recipe.bench
     items = next(iter(inputs.values())).shape[0]

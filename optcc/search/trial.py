@@ -182,10 +182,10 @@ class Evaluator:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        from optcc.export.emit import load_onnx, load_torch
+        from optcc.export.emit import load_artifact
 
         path = final / artifact.path.name
-        runner = load_torch(path) if fmt == "torch" else load_onnx(path, torch.get_num_threads())
+        runner = load_artifact(path, torch.get_num_threads())
         return runner, path
 
 
