@@ -60,19 +60,64 @@ def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
     return copy.deepcopy(model).to(dtype)
 
 
-def compiled(model: torch.nn.Module, inputs: dict) -> Optional[Callable[[dict], list[torch.Tensor]]]:
+def compiled(model: torch.nn.Module, inputs: dict, dtype: torch.dtype = torch.float32,
+             freezing: bool = False) -> Optional[Callable[[dict], list[torch.Tensor]]]:
+    """torch.compile (Inductor) of the model, cast to `dtype` first (the one-line bf16 recipe);
+    `freezing` as PyTorch's CPU inference tuning guide recommends (weights become constants)."""
+    from torch._inductor import config
+
+    m = model if dtype == torch.float32 else _cast(model, dtype)
     try:
-        c = torch.compile(model, dynamic=False)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            c(**inputs)
+        with config.patch(freezing=freezing):
+            c = torch.compile(m, dynamic=False)
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                c(**inputs)
     except Exception as e:  # inductor needs a C++ compiler; report and skip
         print(f"  torch.compile unavailable: {type(e).__name__}: {str(e)[:120]}")
         return None
 
     def run(x: dict) -> list[torch.Tensor]:
-        with torch.no_grad():
-            return flat_outputs(c(**x))
+        with torch.no_grad(), config.patch(freezing=freezing):
+            return [o.float() for o in flat_outputs(c(**x))]
+
+    return run
+
+
+def openvino(model: torch.nn.Module, inputs: dict, threads: int, precision: str,
+             calibration: Optional[list[dict]] = None) -> Optional[Callable[[dict], list[torch.Tensor]]]:
+    """OpenVINO as its docs set it up for latency: openvino.convert_model straight from the torch
+    model, compile_model on CPU with PERFORMANCE_HINT LATENCY, the threads given, and
+    INFERENCE_PRECISION_HINT f32 or bf16 (bf16 only where the CPU has it: OpenVINO falls back to
+    f32 otherwise). precision "int8": NNCF post-training quantization (model_type TRANSFORMER) on
+    `calibration` batches first. None when openvino (or nncf) is not installed: pip install
+    openvino nncf."""
+    try:
+        import openvino as ov
+    except ImportError:
+        print("  openvino not installed (pip install openvino nncf): OpenVINO contenders left out")
+        return None
+    names = list(inputs)
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        ov_model = ov.convert_model(model, example_input=dict(inputs))
+        if precision == "int8":
+            try:
+                import nncf
+            except ImportError:
+                print("  nncf not installed (pip install nncf): OpenVINO int8 left out")
+                return None
+            data = nncf.Dataset(calibration or [inputs], lambda b: {k: b[k].numpy() for k in names})
+            ov_model = nncf.quantize(ov_model, data, model_type=nncf.ModelType.TRANSFORMER,
+                                     subset_size=len(calibration or [inputs]))
+    hint = {"f32": "f32", "bf16": "bf16", "int8": "f32"}[precision]
+    cm = ov.Core().compile_model(ov_model, "CPU", {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_NUM_THREADS": threads,
+                                                    "INFERENCE_PRECISION_HINT": hint})
+    request = cm.create_infer_request()
+
+    def run(x: dict) -> list[torch.Tensor]:
+        res = request.infer({k: x[k].numpy() for k in names})
+        return [torch.from_numpy(res[o].copy()) for o in cm.outputs]
 
     return run
 

@@ -57,7 +57,7 @@ def w1(quick: bool, threads: int, work: Path, recipes: list[Path]) -> list[dict]
         inputs = ds.batches[0]
         folder = work / f"w1-{batch}x{seq}"
         folder.mkdir()
-        cs = _standard_contenders(lm.module, inputs, folder, threads, quick)
+        cs = _standard_contenders(lm.module, inputs, folder, threads, quick, ds.batches[1:17])
         for rec in recipes:
             cs += _optcc_contenders(rec, "builtin:minilm", {"batch": batch, "seq_len": seq}, folder, threads)
         ref = _embed(cs[0].run, ds)
@@ -82,7 +82,13 @@ def w2(quick: bool, threads: int, work: Path, recipes: list[Path]) -> list[dict]
         inputs = make_inputs(lm, Inputs(batch=batch))
         folder = work / f"w2-{lm.name}"
         folder.mkdir()
-        cs = _standard_contenders(lm.module, inputs, folder, threads, quick)
+        calibration = None
+        if lm.zoo:  # NNCF calibrates on held-apart images (the zoo's calibration split), as its docs do
+            from optcc.zoo.data import load_digits_split
+
+            train = load_digits_split(lm.zoo, "calib")[0]
+            calibration = [{"pixel_values": train[i:i + batch]} for i in range(0, min(len(train), 8 * batch), batch)]
+        cs = _standard_contenders(lm.module, inputs, folder, threads, quick, calibration)
         for rec in recipes:
             cs += _optcc_contenders(rec, source, {"batch": batch}, folder, threads)
         if lm.zoo:
@@ -182,12 +188,19 @@ def w3(quick: bool, threads: int, work: Path, recipes: list[Path]) -> list[dict]
     return rows
 
 
-def _standard_contenders(model, inputs, folder: Path, threads: int, quick: bool) -> list[H.Contender]:
+def _standard_contenders(model, inputs, folder: Path, threads: int, quick: bool,
+                         calibration: Optional[list[dict]] = None) -> list[H.Contender]:
     cs = [H.Contender("torch eager fp32", H.eager(model)), H.Contender("torch eager bf16", H.eager(model, torch.bfloat16))]
     if not quick:
-        comp = H.compiled(model, inputs)
-        if comp:
-            cs.append(H.Contender("torch.compile fp32", comp))
+        for name, dtype in (("torch.compile fp32", torch.float32), ("torch.compile bf16 (freezing)", torch.bfloat16)):
+            comp = H.compiled(model, inputs, dtype, freezing=dtype == torch.bfloat16)
+            if comp:
+                cs.append(H.Contender(name, comp))
+    for precision in ("f32", "bf16", "int8"):
+        ov = H.openvino(model, inputs, threads, precision, calibration)
+        if ov is None:
+            break
+        cs.append(H.Contender(f"OpenVINO {precision}{' (NNCF)' if precision == 'int8' else ''}", ov))
     q = H.torch_dynamic_int8(model)
     if q:
         cs.append(H.Contender("torch.ao dynamic int8", q))
@@ -202,7 +215,7 @@ def _optcc_contenders(recipe: Path, source: str, shape: dict, folder: Path, thre
     except Exception as e:
         print(f"  optcc {recipe.name} on {source}: {e}")
         return []
-    names = {"onnx": "onnxruntime", "torch": "torch .pt2"}
+    names = {"onnx": "onnxruntime", "torch": "torch compiled .pt2", "exported": "torch exported .pt2"}
     return [H.Contender(f"optcc {recipe.stem} ({names[f]})", run) for f, run in art["runners"].items()]
 
 

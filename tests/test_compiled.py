@@ -30,13 +30,14 @@ def _wrapper_source(path) -> str:
 
 
 @needs_compiler
-def test_structural_passes_and_int8_compile_to_onednn_and_run_without_optcc(tmp_path):
+def test_structural_passes_int8_and_bf16_compile_to_onednn_and_run_without_optcc(tmp_path):
     out = tmp_path / "o"
     r = apply(write_recipe(tmp_path, _recipe("  - layer_skip: {drop: 1}\n  - token_merge: {r: 8}\n"
-                                             "  - quantize: {scheme: int8-dynamic, activations: per-tensor}")),
+                                             "  - quantize: {scheme: int8-dynamic, activations: per-tensor}\n"
+                                             "  - precision: {min_speedup: 0}")),
               "builtin:tiny-vit", out)
     (art,) = r["artifacts"]
-    quantized = r["passes"][-1]["stats"]["quantized"]
+    quantized = r["passes"][2]["stats"]["quantized"]
     assert art["format"] == "torch" and art["path"].endswith("model.pt2") and art["check"]["cosine_mean"] > 0.999
     assert art["build"]["linear_kernels"] == {"onednn-int8": quantized} and art["build"]["compile_s"] > 0
     src = _wrapper_source(out / "model.pt2")
@@ -126,3 +127,11 @@ def test_an_exported_program_and_a_package_are_told_apart(tmp_path):
     torch.export.save(ep, str(tmp_path / "m.pt2"))
     assert not is_package(tmp_path / "m.pt2") and is_package(_fake_package(tmp_path / "p.pt2"))
     assert load_artifact(tmp_path / "m.pt2")({"input": torch.ones(1, 2)})[0].shape == (1, 2)
+
+
+def test_a_compiled_package_is_not_taken_as_a_model_to_optimize(tmp_path):
+    from optcc.errors import IntakeError
+    from optcc.intake.load import load_model
+
+    with pytest.raises(IntakeError, match="compiled AOTInductor package holds no graph.*model.exported.pt2"):
+        load_model(str(_fake_package(tmp_path / "model.pt2")), "image-classification")

@@ -19,6 +19,7 @@ version: 1
 model: {inputs: {batch: 2, seq_len: 12}}
 passes: [cleanup]
 generate: {new_tokens: 6, batch: 1, rounds: 1}
+emit: {formats: [onnx, exported]}
 bench: {warmup: 1, iters: 2, min_seconds: 0.0}
 """
 
@@ -59,7 +60,7 @@ def test_decoder_artifacts_match_eager_prefill_and_decode(tmp_path, source, task
 def test_onnx_names_follow_the_decoder_layout(tmp_path):
     import onnx
 
-    apply(write_recipe(tmp_path, RECIPE.replace("[cleanup]", "[]") + "emit: {formats: [onnx]}\n"), "builtin:tiny-llama", tmp_path / "o")
+    apply(write_recipe(tmp_path, RECIPE.replace("[cleanup]", "[]").replace("[onnx, exported]", "[onnx]")), "builtin:tiny-llama", tmp_path / "o")
     m = onnx.load(str(tmp_path / "o" / "model.onnx"))
     assert [i.name for i in m.graph.input][:3] == ["input_ids", "past_key_0", "past_value_0"]
     assert [o.name for o in m.graph.output][:3] == ["logits", "present_key_0", "present_value_0"]
@@ -84,7 +85,7 @@ def test_byte_llama_run_and_perplexity(tmp_path):
     assert tm["metric"] == "perplexity" and 1 < tm["baseline"] < 40 and abs(tm["delta"]) < 1e-3
     res = run_artifact(tmp_path / "o", prompt="def ", new_tokens=8)
     assert len(res["tokens"]) == 8 and isinstance(res["text"], str)
-    p = optcc("run", tmp_path / "o" / "model.exported.pt2", "--prompt", "import ", "--new-tokens", "5", "--json")
+    p = optcc("run", tmp_path / "o" / "model.pt2", "--prompt", "import ", "--new-tokens", "5", "--json")
     assert p.returncode == 0, p.stderr
     assert len(json.loads(p.stdout)["tokens"]) == 5
 

@@ -109,6 +109,7 @@ model: {inputs: {batch: 2, seq_len: 12}}
 passes:
   - kv_quant
 generate: {new_tokens: 4, batch: 1, rounds: 1}
+emit: {formats: [onnx, exported]}
 bench: {warmup: 1, iters: 1, min_seconds: 0.0}
 require: {kv_bytes_ratio: "<= 0.4"}
 """), "builtin:tiny-llama", out)

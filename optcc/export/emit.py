@@ -261,7 +261,14 @@ def ort_session(model: Path | bytes, threads: int | None = None, **options):
 
 
 def load_onnx(path: Path, threads: int | None = None) -> Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]:
-    sess = ort_session(path, threads)
+    try:
+        sess = ort_session(path, threads)
+    except Exception as e:  # onnxruntime raises its own exception types when a graph has no kernel here
+        first = str(e).splitlines()[0][:300]
+        low = "bfloat16" in first or "float16" in first
+        raise ExportError(f"{path.name}: onnxruntime's CPU provider cannot run this graph: {first}",
+                          "its CPU kernels are fp32/int8: emit the torch artifact for a bf16/fp16 graph" if low
+                          else "run with --debug, or drop onnx from emit.formats") from e
     names = [i.name for i in sess.get_inputs()]
 
     def run(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:

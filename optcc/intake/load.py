@@ -183,6 +183,11 @@ def _load_pt2(path: Path, task: Optional[str], source: str) -> LoadedModel:
 
     if not zipfile.is_zipfile(path):
         raise IntakeError(f"{path}: not a torch.export archive (not a zip file)", "save it with torch.export.save(ep, 'model.pt2')")
+    from optcc.export.compiled import is_package
+
+    if is_package(path):
+        raise IntakeError(f"{path}: a compiled AOTInductor package holds no graph to optimize",
+                          "pass the model it was built from, or model.exported.pt2 from the same optcc apply")
     try:
         ep = load_exported(path)
     except ValueError as e:
