@@ -9,7 +9,7 @@ import zipfile
 import pytest
 import torch
 
-from conftest import ROOT, write_recipe
+from conftest import write_recipe
 from optcc.api import apply
 from optcc.compat import cxx_compiler
 from optcc.errors import ExportError
