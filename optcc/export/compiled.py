@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from optcc.compat import aoti_compile, aoti_load, cxx_compiler
 from optcc.errors import ExportError
-from optcc.graph.capture import capture, flat_outputs
+from optcc.graph.capture import capture, run_graph
 from optcc.ops import COMPILE_LOWERINGS
 from optcc.ops.quantized import cpu_flags
 
@@ -174,9 +174,4 @@ def load_package(path: Path) -> Callable[[dict[str, torch.Tensor]], list[torch.T
     except Exception as e:  # a C++ loader error
         raise ExportError(f"{path.name}: AOTInductor could not load the package: {type(e).__name__}: {str(e).splitlines()[0][:200]}",
                           "re-create it with optcc apply on this machine") from e
-
-    def run(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        with torch.no_grad():
-            return flat_outputs(model(**inputs))
-
-    return run
+    return functools.partial(run_graph, model)

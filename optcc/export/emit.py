@@ -3,6 +3,7 @@ model.exported.pt2 (the uncompiled ExportedProgram) and/or model.onnx, each re-l
 compared with the optimized graph's outputs before it counts."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import math
@@ -19,7 +20,7 @@ import torch.fx as fx
 from optcc.compat import pin_serialization_id
 from optcc.ops import ONNX_TRANSLATIONS  # filled by the op modules on `import optcc`
 from optcc.export.compiled import compile_package, load_package
-from optcc.graph.capture import capture, flat_outputs, load_exported
+from optcc.graph.capture import capture, flat_outputs, load_exported, run_graph
 from optcc.errors import ExportError
 from optcc.algorithms.metrics import fidelity
 
@@ -108,12 +109,7 @@ def load_exported_runner(path: Path) -> Callable[[dict[str, torch.Tensor]], list
     except ValueError as e:
         raise ExportError(f"{path.name} was saved, but torch.export.load cannot read it back ({e})",
                           "a torch limitation for this graph; use emit.formats: [onnx]") from e
-
-    def run(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        with torch.no_grad():
-            return flat_outputs(module(**inputs))
-
-    return run
+    return functools.partial(run_graph, module)
 
 
 def _consts_finite(graph) -> bool:
