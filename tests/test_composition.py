@@ -61,7 +61,7 @@ def _combinations(settings: dict) -> list[tuple[str, ...]]:
 CASES = [pytest.param(fam, combo, id=f"{fam}:{'+'.join(combo)}")
          for fam, (_, _, settings, _) in FAMILIES.items() for combo in _combinations(settings)]
 
-RECIPE = "version: 1\nmodel: {inputs: {batch: 2, seq_len: %d}}\n"
+RECIPE = "version: 1\nmodel: {inputs: {batch: 2, seq_len: %d}}\nemit: {formats: [onnx, exported]}\n"  # compiled: test_compiled.py
 
 
 @lru_cache(maxsize=None)
