@@ -27,6 +27,7 @@ import torch.fx as fx
 from optcc.config.schema import field
 from optcc.errors import PassError
 from optcc.graph.capture import graph_snapshot
+from optcc.graph.fx import attr_at
 from optcc.measure.latency import measure
 from optcc.pipeline.context import PassContext
 from optcc.pipeline.registry import PassResult, register
@@ -100,7 +101,7 @@ def lower_precision(gm: fx.GraphModule, low: torch.dtype, keep: set) -> dict:
             if _is_float(node):
                 dtype[node] = torch.float32
         elif node.op == "get_attr":
-            t = _fetch(gm, node.target)
+            t = attr_at(gm, node.target)
             if node.target in lowered:
                 dtype[node] = low
             elif not isinstance(t, torch.Tensor) or t.dtype != torch.float32:
@@ -153,18 +154,9 @@ def _is_aten(node: fx.Node) -> bool:
     return isinstance(node.target, torch._ops.OpOverload) and node.target.namespace in ("aten", "prims")
 
 
-def _fetch(gm: fx.GraphModule, target: str) -> torch.Tensor:
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _store(gm: fx.GraphModule, target: str, value: torch.Tensor) -> None:
-    *path, name = target.split(".")
-    owner = gm
-    for part in path:
-        owner = getattr(owner, part)
+    path, _, name = target.rpartition(".")
+    owner = attr_at(gm, path) if path else gm
     if isinstance(getattr(owner, name), torch.nn.Parameter):
         setattr(owner, name, torch.nn.Parameter(value, requires_grad=False))
     else:

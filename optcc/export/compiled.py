@@ -22,6 +22,7 @@ import torch.fx as fx
 from optcc.compat import aoti_compile, aoti_load, cxx_compiler
 from optcc.errors import ExportError
 from optcc.graph.capture import capture, run_graph
+from optcc.graph.fx import attr_at
 from optcc.ops import COMPILE_LOWERINGS
 from optcc.ops.quantized import cpu_flags
 
@@ -72,7 +73,7 @@ def lower_graph(gm: fx.GraphModule, vnni: bool) -> tuple[fx.GraphModule, dict[st
         lowering = COMPILE_LOWERINGS.get(node.target)
         if lowering is None:
             continue
-        args = [_constant(gm, a) if isinstance(a, fx.Node) and a.op == "get_attr" else a for a in node.args]
+        args = [attr_at(gm, a.target) if isinstance(a, fx.Node) and a.op == "get_attr" else a for a in node.args]
         for a, v in zip(node.args, args):
             if isinstance(v, torch.Tensor):
                 owners[id(v)] = a
@@ -87,10 +88,6 @@ def lower_graph(gm: fx.GraphModule, vnni: bool) -> tuple[fx.GraphModule, dict[st
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm, dict(kernels)
-
-
-def _constant(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
-    return functools.reduce(getattr, node.target.split("."), gm)
 
 
 def _place(gm: fx.GraphModule, name: str, i: int, value, owners: dict[int, fx.Node]):
