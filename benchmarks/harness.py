@@ -222,3 +222,71 @@ def held_out_windows(seq: int, n: int) -> torch.Tensor:
 
     ids = zoo.byte_encode(zoo.load_text_split("byte-llama", "eval"))
     return torch.stack([w for w in zoo.lm_windows(ids, seq) if w.numel() == seq + 1][:n])
+
+
+def genai_decoder(model: torch.nn.Module, folder: Path, precision: str, threads: int):
+    """onnxruntime-genai as its docs set it up: its model builder (`python -m
+    onnxruntime_genai.models.builder -i HF_FOLDER -p int4|fp32 -e cpu`: GroupQueryAttention with
+    rotary, MatMulNBits, SkipSimplifiedLayerNormalization) on the HF model saved to a folder, then
+    its own generation loop, greedy. intra_op_num_threads is set in genai_config.json, where its
+    docs put session options. -> generate(prompt [1, T], new_tokens) -> (tokens [1, new],
+    timings as optcc.intake.decoder.generate reports them), or None when onnxruntime-genai is
+    not installed (pip install ".[bench]")."""
+    import json
+    import subprocess
+    import sys
+
+    try:
+        import onnxruntime_genai as og
+    except ImportError:
+        return None
+    hf = folder / "hf"
+    if not hf.exists():
+        _save_hf_folder(model, hf)
+    out = folder / f"genai-{precision}"
+    if not (out / "genai_config.json").exists():
+        cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p", precision,
+               "-e", "cpu", "-c", str(folder / "genai-cache")]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"onnxruntime-genai builder failed: {done.stderr.strip().splitlines()[-1:]}")
+    cfg_path = out / "genai_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
+    cfg_path.write_text(json.dumps(cfg, indent=4))
+    og_model = og.Model(str(out))
+    dec = cfg["model"]["decoder"]
+    kv_bytes = 2 * dec["num_hidden_layers"] * dec["num_key_value_heads"] * dec["head_size"] * 4  # fp32 cache on CPU
+
+    def generate(prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, dict]:
+        params = og.GeneratorParams(og_model)
+        params.set_search_options(do_sample=False, max_length=int(prompt.shape[1]) + new_tokens,
+                                  min_length=int(prompt.shape[1]) + new_tokens)  # no early stop at eos: every contender makes new_tokens
+        gen = og.Generator(og_model, params)
+        t0 = time.perf_counter()
+        gen.append_tokens(prompt.numpy().astype("int32"))  # runs the prefill: the first token's logits
+        gen.generate_next_token()  # picks the first token from them (the model runs again on the next call)
+        token = int(gen.get_next_tokens()[0])
+        t1 = time.perf_counter()
+        tokens, steps = [token], []
+        for _ in range(new_tokens - 1):
+            s0 = time.perf_counter()
+            gen.generate_next_token()
+            tokens.append(int(gen.get_next_tokens()[0]))
+            steps.append(time.perf_counter() - s0)
+        return torch.tensor([tokens]), {"prefill_s": t1 - t0, "decode_s": steps, "kv_bytes_per_token": kv_bytes}
+
+    return generate
+
+
+def _save_hf_folder(model: torch.nn.Module, folder: Path) -> None:
+    """A transformers model as a local HF folder the builder reads: weights, config, and a word-level
+    tokenizer over the model's vocabulary (the builder copies a tokenizer; generation here feeds ids)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model.save_pretrained(folder)
+    n = model.config.vocab_size
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(n)}, unk_token="t0"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="t0", bos_token="t1", eos_token="t2").save_pretrained(folder)

@@ -24,7 +24,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 DEFAULT_RECIPES = ",".join([
     "W1=recipes/quantize-int8.yaml", "W1=recipes/quantize-int8-tensor.yaml", "W1=recipes/minilm-int8-merge.yaml",
     "W2=recipes/token_merge.yaml", "W2=recipes/vit-merge-int8.yaml",
-    "W3=recipes/generate.yaml", "W3=recipes/llama-int8-kv.yaml"])
+    "W3=recipes/generate.yaml", "W3=recipes/llama-int8-kv.yaml", "W3=recipes/llama-int4.yaml"])
 
 
 def _sentence_batches(lm, batch: int, seq: int, limit: int):
@@ -128,6 +128,23 @@ def _plain_decoder(source: str, folder: Path, threads: int):
                   "plain ONNX export + quantize_dynamic int8": load_onnx(qpath, threads)}
 
 
+def _eager_bf16_step(prep):
+    """The decoder in bf16 (`model.to(torch.bfloat16)`, what a user tries first), fed its own bf16
+    cache; logits returned as fp32 like every contender's."""
+    import copy
+
+    from optcc.graph.capture import flat_outputs
+
+    module = copy.deepcopy(prep.lm.module).to(torch.bfloat16)
+    names = set(prep.cache.names())
+
+    def step(batch: dict) -> list[torch.Tensor]:
+        out = flat_outputs(module(**{k: v.to(torch.bfloat16) if k in names else v for k, v in batch.items()}))
+        return [out[0].float(), *out[1:]]
+
+    return step
+
+
 def _optcc_steps(recipes: list[Path], source: str, folder: Path, threads: int, steps: dict) -> dict:
     """Add every recipe's artifacts (built at batch 4 x 64 on `source`) to `steps`; -> their own
     cache layouts (kv_share / kv_quant change it). A recipe that fails on this model is left
@@ -158,8 +175,20 @@ def w3(quick: bool, threads: int, work: Path, recipes: list[Path]) -> list[dict]
         prep, plain = _plain_decoder(source, work / "w3", threads)
         steps = {"baseline": plain.pop("torch eager fp32 (HF cache)"), **plain}
         specs = _optcc_steps(recipes, source, work / "w3", threads, steps)
+        steps["torch eager bf16 (HF cache)"] = _eager_bf16_step(prep)
+        loops = {}
+        for precision in ("int4", "fp32"):
+            try:
+                run = H.genai_decoder(prep.lm.module._lm, work / "w3", precision, threads)  # the HF model inside the cache wrapper
+            except Exception as e:  # the peer's builder refusing this model must not take the workload down
+                print(f"  onnxruntime-genai {precision} on {source}: {e}")
+                continue
+            if run is None:
+                print("  onnxruntime-genai not installed (pip install '.[bench]'): its contenders are left out")
+                break
+            loops[f"onnxruntime-genai {precision} (model builder)"] = run
         prompt = prompt_ids(prep.cache, None, prompt_len, 1)
-        res = bench_generation(steps, prep.cache, prompt, new, 1 if quick else 2, specs=specs)
+        res = bench_generation(steps, prep.cache, prompt, new, 1 if quick else 2, specs=specs, loops=loops)
         params = sum(p.numel() for p in prep.lm.module.parameters())
         case = f"{source} ({params / 1e6:.1f}M params) prompt {prompt_len}, {new} new tokens"
         base = res["baseline"]["decode_tokens_per_s"]
@@ -168,6 +197,7 @@ def w3(quick: bool, threads: int, work: Path, recipes: list[Path]) -> list[dict]
             rows.append({"workload": "W3", "case": case, "contender": name, "ttft_ms": v["ttft_ms"],
                          "decode_tokens_per_s": v["decode_tokens_per_s"],
                          "decode_vs_fp32": v["decode_tokens_per_s"] / base,
+                         "decode_loop_share": v["decode_loop_share"],
                          "decode_vs_plain_int8": v["decode_tokens_per_s"] / plain_int8["decode_tokens_per_s"],
                          "kv_bytes_per_token": v["kv_bytes_per_token"],
                          "kv_bytes_ratio": v["kv_bytes_per_token"] / res["baseline"]["kv_bytes_per_token"],

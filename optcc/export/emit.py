@@ -8,6 +8,7 @@ import hashlib
 import io
 import math
 import logging
+import time
 import warnings
 import contextlib
 from dataclasses import dataclass
@@ -265,13 +266,23 @@ def load_onnx(path: Path, threads: int | None = None) -> Callable[[dict[str, tor
         raise ExportError(f"{path.name}: onnxruntime's CPU provider cannot run this graph: {first}",
                           "its CPU kernels are fp32/int8: emit the torch artifact for a bf16/fp16 graph" if low
                           else "run with --debug, or drop onnx from emit.formats") from e
-    names = [i.name for i in sess.get_inputs()]
+    return OrtRunner(sess)
 
-    def run(inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        feed = {n: inputs[n].numpy() for n in names}
-        return [torch.from_numpy(x) for x in sess.run(None, feed)]
 
-    return run
+class OrtRunner:
+    """An onnxruntime session as a runner: {name: tensor} -> outputs. graph_s adds up the seconds spent
+    inside InferenceSession.run, so a caller can tell the graph's time from its own (generation's
+    loop overhead)."""
+
+    def __init__(self, sess) -> None:
+        self.sess, self.names, self.graph_s = sess, [i.name for i in sess.get_inputs()], 0.0
+
+    def __call__(self, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        feed = {n: inputs[n].numpy() for n in self.names}
+        t0 = time.perf_counter()
+        out = self.sess.run(None, feed)
+        self.graph_s += time.perf_counter() - t0
+        return [torch.from_numpy(x) for x in out]
 
 
 def load_artifact(path: Path, threads: int | None = None) -> Callable[[dict[str, torch.Tensor]], list[torch.Tensor]]:

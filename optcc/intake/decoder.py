@@ -201,7 +201,10 @@ def generate(step: Step, spec: CacheSpec, prompt: torch.Tensor, new_tokens: int,
              clock: Callable[[], float] | None = None) -> tuple[torch.Tensor, dict]:
     """Greedy generation through any step function (eager, .pt2 or onnxruntime).
 
-    prompt: [B, T] token ids → ([B, new_tokens] ids, timings in seconds: prefill, decode steps).
+    prompt: [B, T] token ids → ([B, new_tokens] ids, timings in seconds: prefill, decode steps, and
+    of each decode step the part spent in the graph: inside InferenceSession.run where the step
+    counts it (emit.OrtRunner.graph_s), else the whole step call; the rest is this loop's own
+    (feeds, the cache handed back, argmax)).
     """
     import time
 
@@ -211,16 +214,20 @@ def generate(step: Step, spec: CacheSpec, prompt: torch.Tensor, new_tokens: int,
     out = step({"input_ids": prompt, **spec.empty(batch)})
     token = out[0][:, -1].argmax(-1, keepdim=True)
     t1 = clock()
-    tokens, steps = [token], []
+    tokens, steps, graph = [token], [], []
     present = out[1:]
     for _ in range(new_tokens - 1):
-        s0 = clock()
-        out = step({"input_ids": token, **dict(zip(spec.names(), present))})
+        s0, g0 = clock(), getattr(step, "graph_s", None)
+        feed = {"input_ids": token, **dict(zip(spec.names(), present))}
+        c0 = clock()
+        out = step(feed)
+        c1 = clock()
         token = out[0][:, -1].argmax(-1, keepdim=True)
         steps.append(clock() - s0)
+        graph.append(step.graph_s - g0 if g0 is not None else c1 - c0)
         tokens.append(token)
         present = out[1:]
     kv_bytes = sum(t.numel() * t.element_size() for t in present)
     positions = prompt.shape[1] + new_tokens - 1  # what the cache holds; slots may differ in length (kv_share merge)
-    return torch.cat(tokens, dim=1), {"prefill_s": t1 - t0, "decode_s": steps,
+    return torch.cat(tokens, dim=1), {"prefill_s": t1 - t0, "decode_s": steps, "decode_graph_s": graph,
                                       "kv_bytes_per_token": kv_bytes / max(1, positions * batch)}

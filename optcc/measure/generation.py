@@ -3,7 +3,9 @@ per token for eager torch and each artifact, interleaved round by round, plus
 whether each artifact's greedy tokens equal eager torch's."""
 from __future__ import annotations
 
+import functools
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -12,24 +14,33 @@ from optcc.measure.latency import percentile
 from optcc.intake.decoder import CacheSpec, Step, generate
 
 
+Loop = Callable[[torch.Tensor, int], tuple[torch.Tensor, dict]]  # (prompt, new_tokens) -> (tokens, timings)
+
+
 def bench_generation(steps: dict[str, Step], spec: CacheSpec, prompt: torch.Tensor, new_tokens: int,
-                     rounds: int, specs: dict[str, CacheSpec] | None = None) -> dict:
-    """steps: {"baseline": eager step, backend: artifact step}. prompt: [B, T].
-    specs: a step's own cache layout where it differs from `spec` (a pass changed the cache)."""
+                     rounds: int, specs: dict[str, CacheSpec] | None = None, loops: dict[str, Loop] | None = None) -> dict:
+    """steps: {"baseline": eager step, backend: artifact step}, each run by optcc's greedy loop
+    (decoder.generate). prompt: [B, T]. specs: a step's own cache layout where it differs from
+    `spec` (a pass changed the cache). loops: contenders that run their own generation loop
+    (another runtime), returning what decoder.generate returns; timed in the same rounds."""
     specs = {k: (specs or {}).get(k, spec) for k in steps}
+    runs: dict[str, Loop] = {k: functools.partial(generate, step, specs[k]) for k, step in steps.items()}
+    runs.update(loops or {})
     tokens: dict[str, torch.Tensor] = {}
-    prefill: dict[str, list[float]] = {k: [] for k in steps}
-    decode: dict[str, list[float]] = {k: [] for k in steps}
+    prefill: dict[str, list[float]] = {k: [] for k in runs}
+    decode: dict[str, list[float]] = {k: [] for k in runs}
+    graph: dict[str, list[float]] = {k: [] for k in runs}
     kv: dict[str, float] = {}
     with torch.no_grad():
-        for name, step in steps.items():  # warm-up round, also the tokens compared for greedy_match
-            tokens[name], t = generate(step, specs[name], prompt, new_tokens)
+        for name, run in runs.items():  # warm-up round, also the tokens compared for greedy_match
+            tokens[name], t = run(prompt, new_tokens)
             kv[name] = t["kv_bytes_per_token"]
         for _ in range(rounds):
-            for name, step in steps.items():
-                _, t = generate(step, specs[name], prompt, new_tokens)
+            for name, run in runs.items():
+                _, t = run(prompt, new_tokens)
                 prefill[name].append(t["prefill_s"] * 1e3)
                 decode[name].extend(x * 1e3 for x in t["decode_s"])
+                graph[name].extend(x * 1e3 for x in t.get("decode_graph_s", ()))
     batch = prompt.shape[0]
 
     def summary(name: str) -> dict:
@@ -42,11 +53,13 @@ def bench_generation(steps: dict[str, Step], spec: CacheSpec, prompt: torch.Tens
             "decode_ms_per_token_p90": percentile(d, 90) if d else None,
             "decode_tokens_per_s": batch * 1e3 / p50 if p50 else None,
             "kv_bytes_per_token": kv[name],
+            # of decode time, the share outside the graph, in optcc's loop (None for another runtime's loop)
+            "decode_loop_share": 1 - sum(graph[name]) / sum(d) if graph[name] and d else None,
             "rounds": rounds,
         }
 
     base = summary("baseline")
-    optimized = {k: summary(k) for k in steps if k != "baseline"}
+    optimized = {k: summary(k) for k in runs if k != "baseline"}
     match = {k: bool(torch.equal(tokens[k], tokens["baseline"])) for k in optimized}
     best_kv = min((v["kv_bytes_per_token"] for v in optimized.values()), default=None)
     return {

@@ -9,6 +9,10 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return "—" if x is None else str(x)
 
 
+def _pct(x: Optional[float]) -> str:
+    return "—" if x is None else f"{100 * x:.1f}%"
+
+
 def human_bytes(n: Optional[int]) -> str:
     if n is None:
         return "—"
@@ -77,16 +81,18 @@ def _generation(g: Optional[dict]) -> list[str]:
     if not g:
         return []
     lines = [f"## Generation ({g['prompt_tokens']}-token prompt, {g['new_tokens']} new tokens, batch {g['batch']})", "",
-             "| backend | TTFT ms | decode ms/token p50 | tokens/s | decode speedup | KV bytes/token | greedy match |",
-             "|---|---|---|---|---|---|---|"]
+             "| backend | TTFT ms | decode ms/token p50 | tokens/s | decode speedup | loop share | KV bytes/token | greedy match |",
+             "|---|---|---|---|---|---|---|---|"]
     rows = [("torch eager (baseline)", g["baseline"], 1.0, None)]
     rows += [(k, v, g["decode_speedup_by_backend"].get(k), g["greedy_match_by_backend"].get(k))
              for k, v in g.get("optimized", {}).items()]
     for name, s, sp, match in rows:
         lines.append(f"| {name} | {_fmt(s['ttft_ms'])} | {_fmt(s['decode_ms_per_token_p50'])} | "
-                     f"{_fmt(s['decode_tokens_per_s'])} | {_fmt(sp, 3)}x | {_fmt(s['kv_bytes_per_token'])} | "
+                     f"{_fmt(s['decode_tokens_per_s'])} | {_fmt(sp, 3)}x | {_pct(s.get('decode_loop_share'))} | "
+                     f"{_fmt(s['kv_bytes_per_token'])} | "
                      f"{'—' if match is None else ('yes' if match else 'no')} |")
-    lines += ["", f"KV bytes per token vs baseline: **{_fmt(g.get('kv_bytes_ratio'), 3)}x**", ""]
+    lines += ["", f"KV bytes per token vs baseline: **{_fmt(g.get('kv_bytes_ratio'), 3)}x**. Loop share: of decode time, "
+              "the part outside the graph in optcc's generation loop (feeds, the cache handed back, argmax).", ""]
     slower = [k for k, v in g.get("decode_speedup_by_backend", {}).items() if v is not None and v < 1.0]
     if slower:
         lines += [f"**Decoding is slower than the baseline on: {', '.join(slower)}.**", ""]
