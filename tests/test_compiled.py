@@ -61,7 +61,7 @@ def test_a_decoder_with_merged_int8_cache_compiles_with_dynamic_cache_and_genera
     from optcc.measure.generation import generate
 
     out = tmp_path / "o"
-    r = apply(write_recipe(tmp_path, _recipe("  - kv_share: {mode: merge}\n  - kv_quant\n"
+    r = apply(write_recipe(tmp_path, _recipe("  - kv_share: {mode: merge}\n  - fuse_attention\n  - kv_quant\n"
                                              "  - quantize: {scheme: int8-dynamic}").replace("[torch]", "[torch, exported]")),
               "builtin:tiny-llama", out)
     assert r["artifacts"][0]["build"]["linear_kernels"] == {"fp32-codes": r["passes"][-1]["stats"]["quantized"]}

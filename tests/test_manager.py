@@ -90,6 +90,22 @@ def test_wrong_lossless_pass_is_caught_and_named(vit, temp_pass):
     assert "pass 'test_scale' (step 2 after cleanup) is declared lossless but changed the outputs" in e.value.message
 
 
+def test_a_lossless_pass_after_a_lossy_one_is_checked_against_the_graph_it_was_given(vit, temp_pass):
+    def scale_output(gm, cfg, ctx):  # lossy on purpose: every output moves away from the original model
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        leaf = out.args[0][0]
+        with gm.graph.inserting_before(out):
+            bad = gm.graph.call_function(torch.ops.aten.mul.Tensor, (leaf, 1.5))
+        out.replace_input_with(leaf, bad)
+        gm.recompile()
+        return PassResult(gm, True)
+
+    temp_pass("test_lossy", scale_output)
+    gm, ctx = vit
+    gm, records = run_passes(gm, (_step("test_lossy"), _step("cleanup")), ctx)
+    assert records[1].modified and records[1].fidelity["cosine_mean"] > 0.99  # fidelity still vs the original
+
+
 def test_pass_that_crashes_is_named(vit, temp_pass):
     def boom(gm, cfg, ctx):
         raise ValueError("kaput")
