@@ -73,17 +73,19 @@ def test_cleanup_keeps_a_contiguous_copy_that_a_later_view_needs():
     assert torch.equal(gm(x=x), M()(x))
 
 
-def test_wrong_lossless_pass_is_caught_and_named(vit, temp_pass):
-    def scale_output(gm, cfg, ctx):
-        out = next(n for n in gm.graph.nodes if n.op == "output")
-        leaf = out.args[0][0]
-        with gm.graph.inserting_before(out):
-            bad = gm.graph.call_function(torch.ops.aten.mul.Tensor, (leaf, 1.5))
-        out.replace_input_with(leaf, bad)
-        gm.recompile()
-        return PassResult(gm, True)
+def _scale_output(gm, cfg, ctx):
+    """A pass that multiplies the first output by 1.5."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    leaf = out.args[0][0]
+    with gm.graph.inserting_before(out):
+        bad = gm.graph.call_function(torch.ops.aten.mul.Tensor, (leaf, 1.5))
+    out.replace_input_with(leaf, bad)
+    gm.recompile()
+    return PassResult(gm, True)
 
-    temp_pass("test_scale", scale_output, lossless=True)
+
+def test_wrong_lossless_pass_is_caught_and_named(vit, temp_pass):
+    temp_pass("test_scale", _scale_output, lossless=True)
     gm, ctx = vit
     with pytest.raises(PassError) as e:
         run_passes(gm, (_step("cleanup"), _step("test_scale")), ctx)
@@ -91,16 +93,7 @@ def test_wrong_lossless_pass_is_caught_and_named(vit, temp_pass):
 
 
 def test_a_lossless_pass_after_a_lossy_one_is_checked_against_the_graph_it_was_given(vit, temp_pass):
-    def scale_output(gm, cfg, ctx):  # lossy on purpose: every output moves away from the original model
-        out = next(n for n in gm.graph.nodes if n.op == "output")
-        leaf = out.args[0][0]
-        with gm.graph.inserting_before(out):
-            bad = gm.graph.call_function(torch.ops.aten.mul.Tensor, (leaf, 1.5))
-        out.replace_input_with(leaf, bad)
-        gm.recompile()
-        return PassResult(gm, True)
-
-    temp_pass("test_lossy", scale_output)
+    temp_pass("test_lossy", _scale_output)  # lossy on purpose: the outputs move away from the original model
     gm, ctx = vit
     gm, records = run_passes(gm, (_step("test_lossy"), _step("cleanup")), ctx)
     assert records[1].modified and records[1].fidelity["cosine_mean"] > 0.99  # fidelity still vs the original
