@@ -9,8 +9,9 @@ share of a step after the linears (Expand + Transpose, docs/generation.md). This
 and the reshape merges it back into the head axis), and calls attention on the unrepeated K and
 V with `enable_gqa=True` instead: exact (the same products), and every backend gets one fused
 attention over the cache it already holds:
-- ONNX at emit.opset 23: one `Attention` op with q_num_heads / kv_num_heads (at lower opsets
-  the exporter writes attention out as MatMul/Softmax, still without the repeat);
+- ONNX at emit.opset 23: one `Attention` op on 4-D inputs, which reads the query and KV head
+  counts from their shapes (at lower opsets the exporter writes attention out as MatMul/Softmax,
+  still without the repeat);
 - torch: SDPA's grouped-query path (eager and the compiled package).
 
 The mask, scale, causal flag and dropout of each attention are kept as they were, so the
