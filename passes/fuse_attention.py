@@ -10,8 +10,8 @@ and the reshape merges it back into the head axis), and calls attention on the u
 V with `enable_gqa=True` instead: exact (the same products), and every backend gets one fused
 attention over the cache it already holds:
 - ONNX at emit.opset 23: one `Attention` op on 4-D inputs, which reads the query and KV head
-  counts from their shapes (at lower opsets the exporter writes attention out as MatMul/Softmax,
-  still without the repeat);
+  counts from their shapes (at lower opsets the exporter writes attention out as MatMul/Softmax
+  and repeats the KV heads itself: the gain there is the torch side's);
 - torch: SDPA's grouped-query path (eager and the compiled package).
 
 The mask, scale, causal flag and dropout of each attention are kept as they were, so the
@@ -123,6 +123,6 @@ def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
     gm.graph.eliminate_dead_code()
     gm.recompile()
     notes = [f"{len(left)} attention left as is: see left"] if left else []
-    notes.append(f"ONNX: one Attention op per layer at emit.opset {ONNX_OPSET} (lower opsets write it out as "
-                 "MatMul/Softmax, still without the repeat)")
+    notes.append(f"ONNX: one Attention op per layer at emit.opset {ONNX_OPSET} (at lower opsets the exporter "
+                 "writes attention out as MatMul/Softmax and repeats the heads itself)")
     return PassResult(gm, modified=True, stats={"fused": fused, "left": left, "notes": notes})
