@@ -131,11 +131,9 @@ def _plain_decoder(source: str, folder: Path, threads: int):
 def _eager_bf16_step(prep):
     """The decoder in bf16 (`model.to(torch.bfloat16)`, what a user tries first), fed its own bf16
     cache; logits returned as fp32 like every contender's."""
-    import copy
-
     from optcc.graph.capture import flat_outputs
 
-    module = copy.deepcopy(prep.lm.module).to(torch.bfloat16)
+    module = H._cast(prep.lm.module, torch.bfloat16)
     names = set(prep.cache.names())
 
     def step(batch: dict) -> list[torch.Tensor]:

@@ -40,6 +40,7 @@ def run_passes(
 ) -> tuple[fx.GraphModule, list[PassRecord]]:
     records = []
     stats = graph_stats(gm, ctx.inputs)
+    last: Optional[list[torch.Tensor]] = None  # the graph's outputs on ctx.inputs after the latest pass
     for i, step in enumerate(steps, start=1):
         spec = registry.get(step.name)
         where = _where(step.name, i, ctx.history)
@@ -49,8 +50,9 @@ def run_passes(
             raise PassError(f"{where}: does not apply to task '{ctx.task}'",
                             f"it works on {', '.join(spec.tasks)}; remove it from the recipe")
         config, _ = registry.resolve(step.name, step.config)  # `auto` options the caller left (api resolves them first)
-        # a lossless pass must give what the graph gave before it (not the original model: an earlier pass may round)
-        previous = run_graph(gm, ctx.inputs) if spec.lossless else None
+        # a lossless pass must give what the graph gave before it (not the original model: an earlier pass may
+        # round): the previous pass's outputs on these inputs, or the captured graph's for the first pass
+        previous = (last or run_graph(gm, ctx.inputs)) if spec.lossless else None
         snap_before = snapshot(gm)
         names_before = {e["name"] for e in snap_before}
         t0 = time.perf_counter()
@@ -82,6 +84,7 @@ def run_passes(
             raise PassError(f"{where} produced a graph that does not run: {type(e).__name__}: {str(e)[:300]}",
                             "this is a bug in the pass; run with --debug") from e
         fid = _check_outputs(outputs, ctx, where, previous)
+        last = outputs
         snap_after = snapshot(gm)
         names_after = {e["name"] for e in snap_after}
         after = graph_stats(gm, ctx.inputs)
