@@ -7,4 +7,5 @@ from optcc.passes import quantize  # noqa: F401
 from optcc.passes import kv_share  # noqa: F401
 from optcc.passes import kv_quant  # noqa: F401
 from optcc.passes import fuse_attention  # noqa: F401
+from optcc.passes import fuse_linears  # noqa: F401
 from optcc.passes import precision  # noqa: F401

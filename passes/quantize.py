@@ -336,7 +336,7 @@ def _notes(cfg: Config, tied: list[str], skipped: int, timing: Optional[dict]) -
 
 
 @register("quantize", Config, summary="int8 / int4 linear layers with integer kernels (MatMulIntegerToFloat, MatMulNBits, _int_mm)",
-          rounds=True, after=("layer_skip", "token_merge", "kv_share"), resolve=resolve)
+          rounds=True, after=("layer_skip", "token_merge", "kv_share", "fuse_linears"), resolve=resolve)
 def run(gm: fx.GraphModule, cfg: Config, ctx: PassContext) -> PassResult:
     s = ctx.structure(gm)
     targets, excluded, warnings = select(s.linears, s.head, cfg)

@@ -24,11 +24,16 @@ DEC = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_lay
 VIS = dict(image_size=32, patch_size=4, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128)
 
 STACKS = {  # the passes a user stacks on each family
-    "text": ["layer_skip: {drop: 1}", "token_merge: {r: 1, unmerge: true}", "quantize: {scheme: int8-dynamic}"],
-    "image": ["layer_skip: {drop: 1}", "token_merge: {r: 2}", "quantize: {scheme: int8-dynamic}"],
-    "tower": ["layer_skip: {drop: 1}", "token_merge: {r: 2, unmerge: true}", "quantize: {scheme: int8-dynamic}"],
-    "decoder": ["layer_skip: {drop: 1}", "kv_share: {mode: merge, start: 0.25}", "quantize: {scheme: int8-dynamic}", "kv_quant"],
+    "text": ["layer_skip: {drop: 1}", "token_merge: {r: 1, unmerge: true}", "fuse_linears", "quantize: {scheme: int8-dynamic}"],
+    "image": ["layer_skip: {drop: 1}", "token_merge: {r: 2}", "fuse_linears", "quantize: {scheme: int8-dynamic}"],
+    "tower": ["layer_skip: {drop: 1}", "token_merge: {r: 2, unmerge: true}", "fuse_linears", "quantize: {scheme: int8-dynamic}"],
+    "decoder": ["layer_skip: {drop: 1}", "kv_share: {mode: merge, start: 0.25}", "fuse_linears",
+                "quantize: {scheme: int8-dynamic}", "kv_quant"],
 }
+
+# q/k/v and gate/up already one linear each (ModernBERT's Wqkv and Wi, Phi-3's qkv_proj and gate_up_proj,
+# GPT-2's c_attn, GPT-NeoX's query_key_value)
+_ONE_LINEAR = r"fuse_linears found nothing to merge \(no two linear layers read the same activation\)"
 
 # name: (config class, model class, config, family, {pass: the refusal's message})
 ARCHS = {
@@ -37,7 +42,8 @@ ARCHS = {
     "distilbert": ("DistilBertConfig", "DistilBertModel",
                    dict(vocab_size=256, dim=64, n_layers=4, n_heads=4, hidden_dim=128, max_position_embeddings=128), "text", {}),
     "albert": ("AlbertConfig", "AlbertModel", {**ENC, "embedding_size": 32}, "text",
-               {"layer_skip": "runs 4 times with shared weights.*quantize works", "token_merge": "runs 4 times with shared weights"}),
+               {"layer_skip": "runs 4 times with shared weights.*quantize works", "token_merge": "runs 4 times with shared weights",
+                "fuse_linears": r"nothing to merge \(its weight is read elsewhere too \(tied, or the layer runs more than once"}),
     "electra": ("ElectraConfig", "ElectraModel", {**ENC, "embedding_size": 64}, "text", {}),
     "xlm-roberta": ("XLMRobertaConfig", "XLMRobertaModel", {**ENC, "max_position_embeddings": 130}, "text", {}),
     "deberta-v2": ("DebertaV2Config", "DebertaV2Model", ENC, "text",
@@ -45,7 +51,8 @@ ARCHS = {
     "modernbert": ("ModernBertConfig", "ModernBertModel",
                    dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
                         max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2, cls_token_id=1,
-                        sep_token_id=2), "text", {"token_merge": "attention is rotary.*layer_skip and quantize work"}),
+                        sep_token_id=2), "text", {"token_merge": "attention is rotary.*layer_skip and quantize work",
+                                          "fuse_linears": _ONE_LINEAR}),
     "vit": ("ViTConfig", "ViTForImageClassification", {**VIS, "num_labels": 10}, "image", {}),
     "deit": ("DeiTConfig", "DeiTForImageClassificationWithTeacher", {**VIS, "num_labels": 10}, "image", {}),
     "dinov2": ("Dinov2Config", "Dinov2Model", VIS, "tower", {}),
@@ -57,11 +64,12 @@ ARCHS = {
     "mistral": ("MistralConfig", "MistralForCausalLM", DEC, "decoder", {}),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {**DEC, "head_dim": 16}, "decoder", {}),
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {**DEC, "head_dim": 16}, "decoder", {}),
-    "phi3": ("Phi3Config", "Phi3ForCausalLM", {**DEC, "pad_token_id": 0}, "decoder", {}),
-    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=256, n_embd=64, n_layer=4, n_head=4, n_positions=256), "decoder", {}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {**DEC, "pad_token_id": 0}, "decoder", {"fuse_linears": _ONE_LINEAR}),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel", dict(vocab_size=256, n_embd=64, n_layer=4, n_head=4, n_positions=256), "decoder",
+             {"fuse_linears": _ONE_LINEAR}),
     "gpt-neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM",
                  dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
-                      max_position_embeddings=256), "decoder", {}),
+                      max_position_embeddings=256), "decoder", {"fuse_linears": _ONE_LINEAR}),
     "opt": ("OPTConfig", "OPTForCausalLM",
             dict(vocab_size=256, hidden_size=64, num_hidden_layers=4, ffn_dim=128, num_attention_heads=4,
                  max_position_embeddings=256, word_embed_proj_dim=64), "decoder", {}),

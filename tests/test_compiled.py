@@ -56,12 +56,12 @@ def test_structural_passes_int8_and_bf16_compile_to_onednn_and_run_without_optcc
 
 
 @needs_compiler
-def test_a_decoder_with_merged_int8_cache_compiles_with_dynamic_cache_and_generates_like_the_graph(tmp_path):
+def test_a_fused_decoder_with_merged_int8_cache_compiles_with_dynamic_cache_and_generates_like_the_graph(tmp_path):
     from optcc.intake.decoder import CacheSpec, no_guard_module
     from optcc.measure.generation import generate
 
     out = tmp_path / "o"
-    r = apply(write_recipe(tmp_path, _recipe("  - kv_share: {mode: merge}\n  - fuse_attention\n  - kv_quant\n"
+    r = apply(write_recipe(tmp_path, _recipe("  - kv_share: {mode: merge}\n  - fuse_attention\n  - kv_quant\n  - fuse_linears\n"
                                              "  - quantize: {scheme: int8-dynamic}").replace("[torch]", "[torch, exported]")),
               "builtin:tiny-llama", out)
     assert r["artifacts"][0]["build"]["linear_kernels"] == {"fp32-codes": r["passes"][-1]["stats"]["quantized"]}
