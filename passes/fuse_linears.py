@@ -31,7 +31,7 @@ import torch.fx as fx
 
 from optcc.errors import PassError
 from optcc.graph.fx import attr_at, module_path
-from optcc.graph.lineargroups import linear_parts
+from optcc.graph.lineargroups import add_buffer, linear_parts
 from optcc.pipeline.context import PassContext
 from optcc.pipeline.registry import PassResult, register
 
@@ -82,12 +82,7 @@ def _stack(gm: fx.GraphModule, members: list[fx.Node]) -> tuple[torch.Tensor, to
 
 
 def _register(gm: fx.GraphModule, path: str, suffix: str, t: torch.Tensor) -> str:
-    base = "fused_" + re.sub(r"\W", "_", path) + "_" + suffix
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    gm.register_buffer(name, t)
-    return name
+    return add_buffer(gm, "fused_" + re.sub(r"\W", "_", path) + "_" + suffix, t)
 
 
 def _merge(gm: fx.GraphModule, x: fx.Node, members: list[fx.Node]) -> dict:

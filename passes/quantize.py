@@ -27,7 +27,7 @@ from optcc.errors import PassError
 from optcc.graph.probe import record
 from optcc.pipeline.registry import PassResult, register
 from optcc.config.schema import field
-from optcc.graph.lineargroups import Group, groups, linear_parts, set_tensor
+from optcc.graph.lineargroups import Group, add_buffer, groups, linear_parts, set_tensor
 from optcc.graph.fx import attr_at, module_path
 from optcc.graph.structure import Linear
 
@@ -185,12 +185,7 @@ def _fold(gm: fx.GraphModule, g: Group, s: torch.Tensor, scales: dict[str, torch
 
 
 def _buffer(gm: fx.GraphModule, path: str, suffix: str, t: torch.Tensor) -> str:
-    base = "q_" + re.sub(r"\W", "_", path) + "_" + suffix
-    name, i = base, 1
-    while hasattr(gm, name):
-        name, i = f"{base}_{i}", i + 1
-    gm.register_buffer(name, t)
-    return name
+    return add_buffer(gm, "q_" + re.sub(r"\W", "_", path) + "_" + suffix, t)
 
 
 def _replace(gm: fx.GraphModule, node: fx.Node, li: Linear, op, tensors: dict[str, torch.Tensor], extra: tuple) -> None:

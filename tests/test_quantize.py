@@ -238,7 +238,7 @@ def test_bad_config(text, msg):
 
 
 def test_registered_after_structural_passes():
-    assert registry.get("quantize").after == ("layer_skip", "token_merge", "kv_share")
+    assert registry.get("quantize").after == ("layer_skip", "token_merge", "kv_share", "fuse_linears")
 
 
 # -------------------------------------------------------------- artifacts ---

@@ -37,6 +37,15 @@ def set_tensor(gm: torch.nn.Module, target: str, value: torch.Tensor) -> None:
         setattr(owner, name, value)
 
 
+def add_buffer(gm: fx.GraphModule, base: str, t: torch.Tensor) -> str:
+    """Register `t` on the graph module as `base` (or base_1, base_2, ... when taken) -> the get_attr target."""
+    name, i = base, 1
+    while hasattr(gm, name):
+        name, i = f"{base}_{i}", i + 1
+    gm.register_buffer(name, t)
+    return name
+
+
 def linear_parts(node: fx.Node) -> tuple[fx.Node, Optional[fx.Node]]:
     """(input x, bias) of a linear (aten.linear) or GPT-2 Conv1D (aten.addmm) node."""
     if node.target == aten.addmm.default:
