@@ -104,10 +104,8 @@ def profile_genai(model, folder: Path, prompt, steps: int, threads: int) -> dict
             per_op[e["args"]["op_name"]] += e["dur"] / 1e3 / steps
     step_ms = sum(times) / len(times) * 1e3
     kernels = sum(per_op.values())
-    dec = cfg["model"]["decoder"]
     return {"step_ms": step_ms, "kernel_ms": kernels, "outside_kernels_ms": step_ms - kernels,
-            "kv_bytes_per_token": 2 * dec["num_hidden_layers"] * dec["num_key_value_heads"] * dec["head_size"] * 4,
-            "ops": dict(per_op)}
+            "kv_bytes_per_token": H.genai_kv_bytes(cfg), "ops": dict(per_op)}
 
 
 def main(argv=None) -> None:

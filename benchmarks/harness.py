@@ -255,8 +255,7 @@ def genai_decoder(model: torch.nn.Module, folder: Path, precision: str, threads:
     cfg["model"]["decoder"]["session_options"]["intra_op_num_threads"] = threads
     cfg_path.write_text(json.dumps(cfg, indent=4))
     og_model = og.Model(str(out))
-    dec = cfg["model"]["decoder"]
-    kv_bytes = 2 * dec["num_hidden_layers"] * dec["num_key_value_heads"] * dec["head_size"] * 4  # fp32 cache on CPU
+    kv_bytes = genai_kv_bytes(cfg)
 
     def generate(prompt: torch.Tensor, new_tokens: int) -> tuple[torch.Tensor, dict]:
         params = og.GeneratorParams(og_model)
@@ -277,6 +276,12 @@ def genai_decoder(model: torch.nn.Module, folder: Path, precision: str, threads:
         return torch.tensor([tokens]), {"prefill_s": t1 - t0, "decode_s": steps, "kv_bytes_per_token": kv_bytes}
 
     return generate
+
+
+def genai_kv_bytes(cfg: dict) -> int:
+    """KV-cache bytes per token of an onnxruntime-genai build, from its genai_config.json (fp32 cache on CPU)."""
+    dec = cfg["model"]["decoder"]
+    return 2 * dec["num_hidden_layers"] * dec["num_key_value_heads"] * dec["head_size"] * 4
 
 
 def _save_hf_folder(model: torch.nn.Module, folder: Path) -> None:
